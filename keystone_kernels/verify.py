@@ -1,0 +1,216 @@
+"""Proving a mask: ablate / scale the weights it owns, and score the model.
+
+The proof a user wants is the gap: zeroing the keystone neurons collapses the model (perplexity up
+by orders of magnitude) while zeroing random neurons of the same layout barely matters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from dataclasses import dataclass
+from importlib import resources
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from . import arch
+from .mask import KeystoneMask
+
+
+# ---------------------------------------------------------------------------------------- edits
+@contextlib.contextmanager
+def scale(model: nn.Module, mask: KeystoneMask, factor: float, modules: dict | None = None) -> Iterator[nn.Module]:
+    """Multiply every weight the mask owns by ``factor`` inside the block; restore bit-exactly after.
+
+    Rows own their whole row, columns their entries outside the mask's rows (DESIGN.md section 2),
+    so each element is scaled once. The mask is validated before anything is touched; the original
+    values are restored on exit, also when the block raises. ``factor=0`` is :func:`ablate`.
+    """
+    indices = mask.weight_indices(model, modules)  # raises before any edit
+    saved = []
+    try:
+        with torch.no_grad():
+            for key, ind in indices.items():
+                weight, _ = arch.weight_2d(model, key)
+                rows, cols = ind.rows.to(weight.device), ind.cols.to(weight.device)
+                saved.append((weight, rows, weight[rows].clone(), cols, weight[:, cols].clone()))
+            for weight, rows, row_vals, cols, col_vals in saved:
+                weight[rows] = row_vals * factor if factor != 0 else torch.zeros_like(row_vals)
+                outside = ~torch.isin(torch.arange(weight.shape[0], device=weight.device), rows)
+                new_cols = col_vals.clone()
+                new_cols[outside] = col_vals[outside] * factor if factor != 0 else 0
+                weight[:, cols] = new_cols
+        yield model
+    finally:
+        with torch.no_grad():
+            # Both copies were taken before any edit, so the order of restoring does not matter.
+            for weight, rows, row_vals, cols, col_vals in reversed(saved):
+                weight[:, cols] = col_vals
+                weight[rows] = row_vals
+
+
+def ablate(model: nn.Module, mask: KeystoneMask, modules: dict | None = None):
+    """Zero every weight the mask owns inside the block; restore bit-exactly after."""
+    return scale(model, mask, 0.0, modules)
+
+
+# ---------------------------------------------------------------------------------------- scores
+def default_texts() -> list[str]:
+    """Held-out plain-English paragraphs (written for this project) for perplexity."""
+    text = resources.files("keystone_kernels").joinpath("data/english.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def evaluate_perplexity(model: nn.Module, tokenizer, texts: Sequence[str], max_length: int = 512, batch_size: int = 8) -> float:
+    """Token-weighted perplexity ``exp(sum NLL / tokens)`` of ``texts`` (each truncated to ``max_length``)."""
+    if isinstance(texts, str) or not texts:
+        raise ValueError("texts must be a non-empty list of strings")
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    try:
+        for start in range(0, len(texts), batch_size):
+            enc = [tokenizer(t)["input_ids"][:max_length] for t in texts[start : start + batch_size]]
+            width = max(len(e) for e in enc)
+            ids = torch.full((len(enc), width), pad, dtype=torch.long)
+            attn = torch.zeros_like(ids)
+            for r, e in enumerate(enc):
+                ids[r, : len(e)] = torch.tensor(e)
+                attn[r, : len(e)] = 1
+            ids, attn = ids.to(device), attn.to(device)
+            logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits.float()
+            targets = ids[:, 1:].masked_fill(attn[:, 1:] == 0, -100)
+            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), reduction="sum", ignore_index=-100)
+            nll += float(loss)
+            count += int((targets != -100).sum())
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("texts hold no predictable tokens (each needs at least two tokens)")
+    return math.exp(min(nll / count, 700.0))
+
+
+def _normalize(text: str) -> str:
+    return re.sub(r"[\s.,!?;:'\"]+", " ", text.strip().lower()).strip()
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def answer_matches(generated: str, answer: str) -> bool:
+    """Numeric answers: the first number generated equals it. Others: the normalised generation starts with it."""
+    answer = str(answer).strip()
+    if _NUMBER.fullmatch(answer.replace(",", "")):
+        found = _NUMBER.search(generated.replace(",", ""))
+        return found is not None and float(found.group()) == float(answer.replace(",", ""))
+    return _normalize(generated).startswith(_normalize(answer))
+
+
+@torch.no_grad()
+def generate_answers(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = 16, chat: bool = True, batch_size: int = 8) -> list[str]:
+    """Greedy completions of ``prompts`` (chat template applied when ``chat``), decoded without special tokens."""
+    device = _device(model)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
+    out: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = list(prompts[start : start + batch_size])
+            if chat and getattr(tokenizer, "chat_template", None):
+                batch = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) for p in batch]
+            enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=not chat).to(device)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def score_exact_match(model: nn.Module, tokenizer, items: Sequence[dict], max_new_tokens: int = 16, chat: bool = True, batch_size: int = 8) -> float:
+    """Accuracy of greedy answers: items are ``{"prompt": str, "answer": str}`` (see :func:`answer_matches`)."""
+    if not items:
+        raise ValueError("items is empty")
+    for i, it in enumerate(items):
+        if "prompt" not in it or "answer" not in it:
+            raise ValueError(f"item {i} needs 'prompt' and 'answer' fields, got {sorted(it)}")
+    answers = generate_answers(model, tokenizer, [it["prompt"] for it in items], max_new_tokens, chat, batch_size)
+    return sum(answer_matches(g, it["answer"]) for g, it in zip(answers, items)) / len(items)
+
+
+@torch.no_grad()
+def score_multiple_choice(model: nn.Module, tokenizer, items: Sequence[dict]) -> float:
+    """Accuracy of picking the choice with the highest total log-likelihood after the question.
+
+    Items are ``{"question": str, "choices": [str, ...], "answer": int}``.
+    """
+    if not items:
+        raise ValueError("items is empty")
+    device = _device(model)
+    correct = 0
+    for i, it in enumerate(items):
+        choices, answer = it.get("choices"), it.get("answer")
+        if not choices or not isinstance(answer, int) or not 0 <= answer < len(choices):
+            raise ValueError(f"item {i} needs 'choices' (non-empty) and an 'answer' index into them")
+        q_ids = tokenizer(it["question"])["input_ids"]
+        scores = []
+        for choice in choices:
+            c_ids = tokenizer(" " + choice.strip(), add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([q_ids + c_ids], device=device)
+            logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float()[0, :-1], -1)
+            tgt = ids[0, 1:]
+            scores.append(float(logp[torch.arange(len(tgt)), tgt][len(q_ids) - 1 :].sum()))
+        correct += int(max(range(len(choices)), key=scores.__getitem__) == answer)
+    return correct / len(items)
+
+
+# ---------------------------------------------------------------------------------------- table
+@dataclass
+class CollapseRow:
+    condition: str
+    neurons: int
+    perplexity: float
+    ratio: float  # perplexity / base perplexity
+
+
+def collapse_table(
+    model: nn.Module,
+    tokenizer,
+    mask: KeystoneMask,
+    texts: Sequence[str] | None = None,
+    seeds: Sequence[int] = (0, 1, 2),
+    factor: float = 0.0,
+) -> list[CollapseRow]:
+    """Perplexity of the base model, with the mask's weights scaled by ``factor`` (0: zeroed), and
+    with random masks of the same layout (one per seed)."""
+    texts = default_texts() if texts is None else texts
+    label = "ablated" if factor == 0 else f"scaled x{factor:g}"
+    base = evaluate_perplexity(model, tokenizer, texts)
+    rows = [CollapseRow("base", 0, base, 1.0)]
+    with scale(model, mask, factor):
+        ppl = evaluate_perplexity(model, tokenizer, texts)
+    rows.append(CollapseRow(f"keystone {label}", mask.num_neurons, ppl, ppl / base))
+    for seed in seeds:
+        rnd = mask.random_like(seed, model)
+        with scale(model, rnd, factor):
+            ppl = evaluate_perplexity(model, tokenizer, texts)
+        rows.append(CollapseRow(f"random {label} (seed {seed})", rnd.num_neurons, ppl, ppl / base))
+    return rows
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A plain fixed-width text table."""
+    cells = [[str(h) for h in headers]] + [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
