@@ -1,0 +1,21 @@
+"""The op layer: one contract, three backends (reference, triton, ext).
+
+Public functions validate their inputs and route to the backend chosen by
+:func:`resolve_backend` (argument, else ``$KEYSTONE_BACKEND``, else auto).
+"""
+
+from .dispatch import (
+    BACKENDS,
+    available_backends,
+    gather_wgrad,
+    resolve_backend,
+    scatter_to_frozen,
+)
+
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "resolve_backend",
+    "gather_wgrad",
+    "scatter_to_frozen",
+]

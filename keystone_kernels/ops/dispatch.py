@@ -1,0 +1,255 @@
+"""Backend choice and the public op functions.
+
+``backend`` is one of ``"reference"``, ``"triton"``, ``"ext"`` or ``"auto"``. ``None`` means the
+environment variable ``KEYSTONE_BACKEND`` if set, else ``"auto"``: Triton for CUDA tensors when
+Triton imports, else the C++ extension when it loads (or builds), else the plain PyTorch
+reference. An explicit backend that cannot run on the given device raises RuntimeError.
+
+The public functions validate their inputs once, here, with ValueErrors that name the argument;
+the backends then assume valid inputs. Index values (range, and uniqueness where an op writes)
+are checked once per index tensor and remembered while the tensor is alive and unmodified, so
+that a GPU training loop pays the device sync of that check only on the first step.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+import weakref
+from collections.abc import Sequence
+from types import ModuleType
+
+import torch
+from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
+
+from . import reference
+
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "resolve_backend",
+    "gather_wgrad",
+    "scatter_to_frozen",
+]
+
+BACKENDS = ("reference", "triton", "ext")
+_ENV = "KEYSTONE_BACKEND"
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# --------------------------------------------------------------------------- backend choice
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_module() -> ModuleType | None:
+    try:
+        return importlib.import_module("keystone_kernels.ops.triton")
+    except ImportError:
+        return None
+
+
+def _triton_usable(device: torch.device) -> tuple[bool, str]:
+    if device.type not in ("cuda", "cpu"):
+        return False, f"Triton kernels do not run on {device.type} tensors"
+    if _triton_module() is None:
+        return False, "triton is not installed (pip install triton)"
+    if device.type == "cuda":
+        return (torch.cuda.is_available(), "CUDA is not available")
+    from .triton._common import interpreting
+
+    return interpreting(), "Triton runs on CPU tensors only under TRITON_INTERPRET=1 (for tests)"
+
+
+def _ext_usable(device: torch.device) -> tuple[bool, str]:
+    from . import ext
+
+    if device.type not in ("cuda", "cpu"):
+        return False, f"the C++ extension has no kernels for {device.type} tensors"
+    try:
+        ext.load()
+    except ext.ExtensionUnavailable as err:
+        return False, str(err)
+    if device.type == "cuda" and not ext.has_cuda():
+        return False, "the C++ extension was built without CUDA kernels"
+    return True, ""
+
+
+def _usable(name: str, device: torch.device) -> tuple[bool, str]:
+    if name == "reference":
+        return True, ""
+    if name == "triton":
+        return _triton_usable(device)
+    return _ext_usable(device)
+
+
+def _as_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Backends that can run on ``device`` here (default: cuda when available, else cpu).
+
+    May build the C++ extension (once, cached) to find out whether it works.
+    """
+    dev = _as_device(device)
+    return [name for name in BACKENDS if _usable(name, dev)[0]]
+
+
+_warned_fallback = False
+
+
+def resolve_backend(name: str | None = None, device: torch.device | str | None = None) -> str:
+    """The backend that will run ops for tensors on ``device``.
+
+    name: "auto", "reference", "triton", "ext", or None for $KEYSTONE_BACKEND (default "auto").
+    Raises ValueError for an unknown name and RuntimeError when an explicitly named backend
+    cannot run on ``device``.
+    """
+    global _warned_fallback
+    source = "backend"
+    if name is None:
+        name, source = os.environ.get(_ENV) or "auto", _ENV
+    if not isinstance(name, str) or name.strip().lower() not in ("auto",) + BACKENDS:
+        raise ValueError(f"{source}={name!r} is not a keystone backend; valid: {', '.join(('auto',) + BACKENDS)}")
+    name = name.strip().lower()
+    dev = _as_device(device)
+    if name != "auto":
+        ok, why = _usable(name, dev)
+        if not ok:
+            raise RuntimeError(f"keystone backend {name!r} ({source}) cannot run on {dev.type} tensors: {why}")
+        return name
+    if dev.type == "cuda" and _triton_usable(dev)[0]:
+        return "triton"
+    ok, why = _ext_usable(dev)
+    if ok:
+        return "ext"
+    if not _warned_fallback:
+        warnings.warn(f"keystone: using the slow reference backend ({why})", RuntimeWarning, stacklevel=3)
+        _warned_fallback = True
+    return "reference"
+
+
+def _backend_module(name: str) -> ModuleType:
+    if name == "reference":
+        return reference
+    if name == "triton":
+        return _triton_module()
+    from . import ext
+
+    return ext
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _has_values(t: Tensor) -> bool:
+    """False for the fake / meta tensors of torch.compile and export: their values cannot be read."""
+    return not (torch.compiler.is_compiling() or t.is_meta or isinstance(t, FakeTensor))
+
+
+def _check_tensor(name: str, t, *, dim: int, dtypes=None, device: torch.device | None = None) -> None:
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"{name} must have dtype {allowed}, got {str(t.dtype).replace('torch.', '')}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device} like the other tensors")
+
+
+# id(index tensor) -> (weakref, _version, bound, unique checked)
+_checked_indices: dict[int, tuple[weakref.ref, int, int, bool]] = {}
+
+
+def _check_index(name: str, idx, bound: int, device: torch.device, *, unique: bool) -> None:
+    """idx: None or int64 [k] with values in [0, bound); strictly increasing when ``unique``."""
+    if idx is None:
+        return
+    _check_tensor(name, idx, dim=1, dtypes=(torch.int64,), device=device)
+    if idx.numel() == 0 or not _has_values(idx):
+        return
+    key = id(idx)
+    hit = _checked_indices.get(key)
+    if hit is not None and hit[0]() is idx and hit[1] == idx._version and hit[2] == bound and (hit[3] or not unique):
+        return
+    lo, hi = torch.aminmax(idx)
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= bound:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{name} holds {bad}, out of range [0, {bound})")
+    if unique and idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+        raise ValueError(f"{name} must be sorted and unique (strictly increasing): the op writes each index once")
+    ref = weakref.ref(idx, lambda _, key=key: _checked_indices.pop(key, None))
+    _checked_indices[key] = (ref, idx._version, bound, unique)
+
+
+def _route(backend: str | None, device: torch.device) -> ModuleType:
+    return _backend_module(resolve_backend(backend, device))
+
+
+# --------------------------------------------------------------------------- public ops
+
+
+def gather_wgrad(
+    grad_out: Tensor,
+    x: Tensor,
+    rows: Tensor | None = None,
+    cols: Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """Weight gradient of the keystone sub-matrix: ``grad_out[:, rows]^T @ x[:, cols]`` in fp32.
+
+    grad_out: [T, out] and x: [T, in], same dtype (float32, bfloat16 or float16), same device.
+    rows: int64 [n] indices into out, or None for all; cols: int64 [m] into in, or None for all.
+    Returns float32 [n (or out), m (or in)], accumulated in fp32; zeros when T == 0. Nothing of
+    size [out, in] is allocated unless rows and cols are both None.
+    """
+    _check_tensor("grad_out", grad_out, dim=2, dtypes=_FLOAT_DTYPES)
+    _check_tensor("x", x, dim=2, dtypes=(grad_out.dtype,), device=grad_out.device)
+    if grad_out.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"grad_out [T, out] and x [T, in] must have the same T, got {tuple(grad_out.shape)} and {tuple(x.shape)}"
+        )
+    _check_index("rows", rows, grad_out.shape[1], grad_out.device, unique=False)
+    _check_index("cols", cols, x.shape[1], grad_out.device, unique=False)
+    return _route(backend, grad_out.device).gather_wgrad(grad_out, x, rows, cols)
+
+
+def _check_scatter_target(prefix: str, weight, src, rows, cols) -> None:
+    _check_tensor(f"{prefix}weight", weight, dim=2, dtypes=_FLOAT_DTYPES)
+    _check_tensor(f"{prefix}src" if prefix == "" else f"{prefix}param", src, dim=2, dtypes=(torch.float32,),
+                  device=weight.device)
+    _check_index(f"{prefix}rows", rows, weight.shape[0], weight.device, unique=True)
+    _check_index(f"{prefix}cols", cols, weight.shape[1], weight.device, unique=True)
+    n = weight.shape[0] if rows is None else rows.shape[0]
+    m = weight.shape[1] if cols is None else cols.shape[0]
+    if tuple(src.shape) != (n, m):
+        what = "src" if prefix == "" else f"{prefix}param"
+        raise ValueError(f"{what} must have shape ({n}, {m}) = (len(rows) or out, len(cols) or in), "
+                         f"got {tuple(src.shape)}")
+
+
+def scatter_to_frozen(
+    weight: Tensor,
+    src: Tensor,
+    rows: Tensor | None = None,
+    cols: Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> None:
+    """In place: ``weight[rows[i], cols[j]] = src[i, j]``, rounded to nearest even into weight's dtype.
+
+    weight: [out, in] float32 / bfloat16 / float16 (any strides); src: float32 [n (or out), m (or in)].
+    rows / cols: sorted unique int64 indices, or None for all. Every other element of weight is
+    left bit-identical.
+    """
+    _check_scatter_target("", weight, src, rows, cols)
+    _route(backend, weight.device).scatter_to_frozen(weight, src, rows, cols)

@@ -1,0 +1,166 @@
+"""Gather weight gradient in Triton: ``dW[rows][:, cols] = dY[:, rows]^T @ X[:, cols]``.
+
+The math, for one keystone tensor addressed by (rows, cols) of a linear layer ``Y = X W^T``::
+
+    dW[i, j] = sum_t dY[t, r(i)] * X[t, c(j)]      r(i) = rows[i] or i, c(j) = cols[j] or j
+
+Each program owns one [BLOCK_N, BLOCK_M] tile of the output and a slice of the T axis; it gathers
+the tile's columns of dY and X on the fly (nothing of size [out, in] and no gathered copy of dY
+or X is ever made), multiplies with ``tl.dot`` and accumulates in fp32. When the output has too
+few tiles to fill the GPU, T is split over ``splits`` programs that each write their own fp32
+partial; the launcher sums the partials (no atomics: deterministic).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from ._common import check_device, interpreting
+
+__all__ = ["gather_wgrad", "gather_wgrad_op"]
+
+
+@triton.jit
+def _gather_wgrad_kernel(
+    DY,  # [T, out] grad of the layer output, strides (stride_dy_t, stride_dy_c)
+    X,  # [T, in] layer input, strides (stride_x_t, stride_x_c)
+    ROWS,  # [N] int64 rows of W (output channels), read only when HAS_ROWS
+    COLS,  # [M] int64 columns of W (input channels), read only when HAS_COLS
+    OUT,  # [SPLITS, N, M] fp32, contiguous: one partial dW per T slice
+    T,  # number of tokens
+    N,  # output rows: len(rows) or out
+    M,  # output columns: len(cols) or in
+    T_PER_SPLIT,  # tokens per T slice (a multiple of BLOCK_T)
+    stride_dy_t,
+    stride_dy_c,
+    stride_x_t,
+    stride_x_c,
+    HAS_ROWS: tl.constexpr,  # False: rows is "all, in order"
+    HAS_COLS: tl.constexpr,  # False: cols is "all, in order"
+    UPCAST: tl.constexpr,  # upcast tiles to fp32 before tl.dot (interpreter bf16 workaround)
+    PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" for fp32 inputs (no TF32)
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """OUT[s, i, j] = sum over t in slice s of DY[t, r(i)] * X[t, c(j)], accumulated in fp32."""
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1).to(tl.int64)
+    pid_s = tl.program_id(2).to(tl.int64)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    if HAS_ROWS:
+        src_n = tl.load(ROWS + offs_n, mask=mask_n, other=0)
+    else:
+        src_n = offs_n
+    if HAS_COLS:
+        src_m = tl.load(COLS + offs_m, mask=mask_m, other=0)
+    else:
+        src_m = offs_m
+
+    t_start = pid_s * T_PER_SPLIT
+    t_end = tl.minimum(t_start + T_PER_SPLIT, T)
+    offs_t = tl.arange(0, BLOCK_T).to(tl.int64)
+    # dY^T tile [BLOCK_N, BLOCK_T] and X tile [BLOCK_T, BLOCK_M], gathered by their own indices.
+    dy_ptrs = DY + src_n[:, None] * stride_dy_c + (t_start + offs_t)[None, :] * stride_dy_t
+    x_ptrs = X + (t_start + offs_t)[:, None] * stride_x_t + src_m[None, :] * stride_x_c
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for t0 in range(t_start, t_end, BLOCK_T):
+        mask_t = (t0 + offs_t) < t_end
+        a = tl.load(dy_ptrs, mask=mask_n[:, None] & mask_t[None, :], other=0.0)
+        b = tl.load(x_ptrs, mask=mask_t[:, None] & mask_m[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        dy_ptrs += BLOCK_T * stride_dy_t
+        x_ptrs += BLOCK_T * stride_x_t
+
+    out_ptrs = OUT + pid_s * N * M + offs_n[:, None] * M + offs_m[None, :]
+    tl.store(out_ptrs, acc, mask=mask_n[:, None] & mask_m[None, :])
+
+
+def _default_splits(T: int, tiles: int, block_t: int, device: torch.device) -> int:
+    """Split T when the output alone cannot fill the GPU (few keystone rows, many tokens)."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton.cdiv(2 * sms, max(tiles, 1))
+    # A slice shorter than 8 T-blocks spends more on its partial than it saves.
+    return max(1, min(want, triton.cdiv(T, 8 * block_t)))
+
+
+def gather_wgrad(
+    grad_out: Tensor,
+    x: Tensor,
+    rows: Tensor | None,
+    cols: Tensor | None,
+    *,
+    splits: int | None = None,
+    block_n: int | None = None,
+    block_m: int | None = None,
+    block_t: int | None = None,
+) -> Tensor:
+    """Launcher. grad_out [T, out], x [T, in] (fp32/bf16/fp16) -> fp32 [len(rows) or out, len(cols) or in].
+
+    ``splits`` / ``block_*`` override the tuning (tests use them to reach every code path).
+    """
+    check_device("gather_wgrad", grad_out, x)
+    T = grad_out.shape[0]
+    n = grad_out.shape[1] if rows is None else rows.shape[0]
+    m = x.shape[1] if cols is None else cols.shape[0]
+    if n == 0 or m == 0 or T == 0:
+        return grad_out.new_zeros((n, m), dtype=torch.float32)
+    # tl.dot needs every block dimension >= 16.
+    block_n = block_n or (16 if n <= 16 else 32 if n <= 32 else 64)
+    block_m = block_m or (64 if m >= 64 else 32 if m > 16 else 16)
+    block_t = block_t or (32 if grad_out.dtype == torch.float32 else 64)
+    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    splits = splits or _default_splits(T, tiles, block_t, grad_out.device)
+    t_per_split = triton.cdiv(triton.cdiv(T, splits), block_t) * block_t
+    splits = triton.cdiv(T, t_per_split)  # no empty slice
+    # One slice writes the result directly; several write partials that are summed below.
+    out_shape = (n, m) if splits == 1 else (splits, n, m)
+    out = torch.empty(out_shape, dtype=torch.float32, device=grad_out.device)
+    upcast = interpreting() and grad_out.dtype == torch.bfloat16
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), splits)
+    wrap_triton(_gather_wgrad_kernel)[grid](
+        grad_out,
+        x,
+        rows,
+        cols,
+        out,
+        T,
+        n,
+        m,
+        t_per_split,
+        grad_out.stride(0),
+        grad_out.stride(1),
+        x.stride(0),
+        x.stride(1),
+        HAS_ROWS=rows is not None,
+        HAS_COLS=cols is not None,
+        # The Triton 3.x interpreter miscomputes tl.dot on bf16 operands; fp32 products of bf16
+        # values are exact, so upcasting there changes nothing but speed.
+        UPCAST=upcast,
+        PRECISION="ieee" if upcast or grad_out.dtype == torch.float32 else "tf32",
+        BLOCK_N=block_n,
+        BLOCK_M=block_m,
+        BLOCK_T=block_t,
+        num_warps=4,
+    )
+    return out if splits == 1 else out.sum(0)
+
+
+@triton_op("keystone_triton::gather_wgrad", mutates_args=())
+def gather_wgrad_op(grad_out: Tensor, x: Tensor, rows: Tensor | None, cols: Tensor | None) -> Tensor:
+    """``keystone_triton::gather_wgrad``: the launcher with default tuning, visible to torch.compile."""
+    return gather_wgrad(grad_out, x, rows, cols)
