@@ -40,7 +40,8 @@ def scale(model: nn.Module, mask: KeystoneMask, factor: float, modules: dict | N
             for weight, rows, row_vals, cols, col_vals in saved:
                 weight[rows] = row_vals * factor if factor != 0 else torch.zeros_like(row_vals)
                 outside = ~torch.isin(torch.arange(weight.shape[0], device=weight.device), rows)
-                new_cols = col_vals.clone()
+                # Rows in R already hold their new values: take the current block, not the saved one.
+                new_cols = weight[:, cols]
                 new_cols[outside] = col_vals[outside] * factor if factor != 0 else 0
                 weight[:, cols] = new_cols
         yield model

