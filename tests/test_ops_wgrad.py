@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HAS_CUDA, gpu, make_index, poisoned_allocations, require_backend, requires_cuda
+from conftest import gpu, make_index, poisoned_allocations, require_backend, requires_cuda
 
 from keystone_kernels import ops
 from keystone_kernels.ops import reference
@@ -97,11 +97,11 @@ def test_strided_inputs(kernel_backend, layout, rng):
     torch.testing.assert_close(got, expected, **_tol(T))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[gpu, requires_cuda])])
 @pytest.mark.parametrize("splits", [2, 3, 5])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_triton_split_t(splits, dtype, rng):
+def test_triton_split_t(device, splits, dtype, rng):
     """The split-T path (fp32 partials summed by the launcher), forced at small sizes."""
-    device = "cuda" if HAS_CUDA else "cpu"
     require_backend("triton", device)
     from keystone_kernels.ops.triton.wgrad import gather_wgrad
 

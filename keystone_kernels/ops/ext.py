@@ -34,6 +34,7 @@ __all__ = [
     "cxx_flags",
     "nvcc_flags",
     "cuda_toolkit_available",
+    "want_cuda",
     "load",
     "is_available",
     "has_cuda",
@@ -75,6 +76,23 @@ def cuda_toolkit_available() -> bool:
     return CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
 
 
+def want_cuda() -> bool:
+    """Whether to compile the CUDA kernels: ``$KEYSTONE_BUILD_CUDA`` 1 / 0, else when a toolkit is found.
+
+    Raises ExtensionUnavailable when CUDA is demanded (1) but torch or the toolkit cannot build it.
+    """
+    asked = os.environ.get("KEYSTONE_BUILD_CUDA", "").strip().lower()
+    if asked in ("0", "false", "no", "off"):
+        return False
+    available = cuda_toolkit_available()
+    if asked in ("1", "true", "yes", "on") and not available:
+        raise ExtensionUnavailable(
+            "KEYSTONE_BUILD_CUDA=1 but the CUDA kernels cannot be built: "
+            + ("this torch is a CPU build" if torch.version.cuda is None else "no CUDA toolkit found (set CUDA_HOME)")
+        )
+    return available
+
+
 def sources(root: Path | None = None, with_cuda: bool = False) -> list[str]:
     """The source files of the extension, CPU first; CUDA kernels and their binding if asked."""
     root = csrc_dir() if root is None else Path(root)
@@ -93,7 +111,7 @@ def cxx_flags() -> list[str]:
 
 def nvcc_flags() -> list[str]:
     # No --use_fast_math: AdamW must match torch's IEEE division and sqrt.
-    return ["-O3", "-lineinfo", "-std=c++17"]
+    return ["-O3", "-lineinfo"]  # torch adds -std=c++20
 
 
 def _extensions_dir() -> Path:
@@ -140,7 +158,7 @@ def _jit_build(verbose: bool) -> str:
             "cannot build the keystone C++ extension: ninja not found (pip install ninja), "
             "or use backend='reference'"
         )
-    with_cuda = cuda_toolkit_available()
+    with_cuda = want_cuda()
     name = "keystone_ext_cuda" if with_cuda else "keystone_ext_cpu"
     build_dir = _extensions_dir() / name
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -148,7 +166,7 @@ def _jit_build(verbose: bool) -> str:
         cpp_extension.load(
             name=name,
             sources=sources(with_cuda=with_cuda),
-            extra_cflags=cxx_flags() + (["-DKEYSTONE_WITH_CUDA"] if with_cuda else []),
+            extra_cflags=cxx_flags(),
             extra_cuda_cflags=nvcc_flags(),
             build_directory=str(build_dir),
             is_python_module=False,
