@@ -10,9 +10,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace keystone {
@@ -22,7 +24,7 @@ using at::Tensor;
 
 // Checks shared by every CPU kernel. The Python layer (keystone_kernels/ops/dispatch.py) validates
 // first with ValueErrors; these keep a direct torch.ops.keystone call from corrupting memory.
-void check_index(const std::optional<Tensor>& idx, const char* op, const char* name, int64_t bound) {
+void check_index(const std::optional<Tensor>& idx, const char* op, const std::string& name, int64_t bound) {
   if (!idx.has_value()) return;
   const Tensor& t = *idx;
   TORCH_CHECK(t.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ", t.scalar_type());
@@ -110,7 +112,7 @@ void scatter_rows(scalar_t* w, int64_t ws0, int64_t ws1, const float* src, int64
   });
 }
 
-void check_weight(const Tensor& weight, const char* op, const char* name) {
+void check_weight(const Tensor& weight, const char* op, const std::string& name) {
   TORCH_CHECK(weight.dim() == 2, op, ": ", name, " must be 2-D [out, in], got shape ", weight.sizes());
   TORCH_CHECK(is_float_dtype(weight.scalar_type()), op, ": ", name,
               " must be float32, bfloat16 or float16, got ", weight.scalar_type());
@@ -141,16 +143,248 @@ void scatter_to_frozen_cpu(const Tensor& weight, const Tensor& src, const std::o
   });
 }
 
+// ----------------------------------------------------------------------------- fused AdamW
+
+// Per-tensor and shared scalars, in fp32 as torch's own CPU kernels use them.
+struct AdamwScalars {
+  float gscale;     // grad_scale, negated for maximize
+  float decay;      // 1 - lr * weight_decay
+  float w1;         // 1 - beta1, the lerp weight
+  float b2;         // beta2
+  float omb2;       // 1 - beta2
+  float step_size;  // lr / (1 - beta1^step)
+  float bc2_sqrt;   // sqrt(1 - beta2^step)
+  float eps;
+};
+
+template <bool FUSED>
+inline __attribute__((always_inline)) float madd(float a, float b, float c) {
+  if constexpr (FUSED) {
+    return std::fma(a, b, c);
+  } else {
+    return a * b + c;  // stays unfused: the extension is compiled with -ffp-contract=off
+  }
+}
+
+// The expressions of torch.optim.AdamW's single-tensor path as torch's CPU kernels evaluate them
+// (measured against torch 2.13, AVX2 build): lerp_ and addcmul_ use one fused multiply-add where
+// the CPU has FMA, mul_ / div / add_ / addcdiv_ round every operation. FUSED mirrors that, so the
+// results agree with torch.optim.AdamW to the last bit or nearly.
+template <bool FUSED, bool AMSGRAD, bool SMALL_W1>
+inline __attribute__((always_inline)) void adamw_span_impl(float* __restrict p, const float* __restrict g,
+                                                           float* __restrict m, float* __restrict v,
+                                                           float* __restrict vmax, int64_t len,
+                                                           const AdamwScalars& s) {
+  const float one_minus_w1 = 1.0f - s.w1;
+  const float neg_step_size = -s.step_size;
+  for (int64_t k = 0; k < len; ++k) {
+    const float gk = g[k] * s.gscale;
+    const float pk = p[k] * s.decay;
+    const float diff = gk - m[k];
+    const float mk = SMALL_W1 ? madd<FUSED>(s.w1, diff, m[k]) : madd<FUSED>(-diff, one_minus_w1, gk);
+    const float vk = madd<FUSED>(s.omb2 * gk, gk, v[k] * s.b2);
+    float vv = vk;
+    if (AMSGRAD) {
+      vv = (vmax[k] > vk || vmax[k] != vmax[k]) ? vmax[k] : vk;  // torch.maximum: NaN wins
+      vmax[k] = vv;
+    }
+    const float denom = std::sqrt(vv) / s.bc2_sqrt + s.eps;
+    p[k] = pk + neg_step_size * mk / denom;
+    m[k] = mk;
+    v[k] = vk;
+  }
+}
+
+template <bool FUSED>
+inline __attribute__((always_inline)) void adamw_span_body(float* __restrict p, const float* __restrict g,
+                                                           float* __restrict m, float* __restrict v,
+                                                           float* __restrict vmax, int64_t len,
+                                                           const AdamwScalars& s, bool amsgrad) {
+  const bool small = std::abs(s.w1) < 0.5f;  // torch's lerp switches formula at weight 0.5
+  if (amsgrad) {
+    small ? adamw_span_impl<FUSED, true, true>(p, g, m, v, vmax, len, s)
+          : adamw_span_impl<FUSED, true, false>(p, g, m, v, vmax, len, s);
+  } else {
+    small ? adamw_span_impl<FUSED, false, true>(p, g, m, v, vmax, len, s)
+          : adamw_span_impl<FUSED, false, false>(p, g, m, v, vmax, len, s);
+  }
+}
+
+// Baseline x86-64 (or any other target) build of the loop, vectorised for the default ISA.
+void adamw_span_default(float* p, const float* g, float* m, float* v, float* vmax, int64_t len,
+                        const AdamwScalars& s, bool amsgrad) {
+  adamw_span_body<false>(p, g, m, v, vmax, len, s, amsgrad);
+}
+
+// The shipped library must run on any x86-64 (no -march=native), so the AVX2+FMA version is a
+// second copy compiled for that target and chosen at run time.
+#if defined(__GNUC__) && defined(__x86_64__)
+#define KS_HAVE_AVX2_CLONE 1
+__attribute__((target("avx2,fma"))) void adamw_span_avx2(float* p, const float* g, float* m, float* v,
+                                                         float* vmax, int64_t len, const AdamwScalars& s,
+                                                         bool amsgrad) {
+  adamw_span_body<true>(p, g, m, v, vmax, len, s, amsgrad);
+}
+#endif
+
+using AdamwSpanFn = void (*)(float*, const float*, float*, float*, float*, int64_t, const AdamwScalars&, bool);
+
+AdamwSpanFn pick_adamw_span() {
+#ifdef KS_HAVE_AVX2_CLONE
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &adamw_span_avx2;
+#endif
+  return &adamw_span_default;
+}
+
+struct AdamwTensor {
+  float* p;
+  const float* g;
+  float* m;
+  float* v;
+  float* vmax;  // nullptr without amsgrad
+  void* w;
+  at::ScalarType wdtype;
+  int64_t ws0, ws1;
+  const int64_t* rows;  // nullptr: all rows in order
+  const int64_t* cols;  // nullptr: all columns in order
+  int64_t n, mcols;
+  AdamwScalars s;
+};
+
+// w[r(i), c(j)] = rne(p[i * mcols + j]) for the flat element range [e0, e1) of one tensor.
+template <typename scalar_t>
+void scatter_span(const AdamwTensor& t, int64_t e0, int64_t e1) {
+  scalar_t* w = static_cast<scalar_t*>(t.w);
+  int64_t i = e0 / t.mcols, j = e0 % t.mcols;
+  for (int64_t e = e0; e < e1; ++i, j = 0) {
+    const int64_t len = std::min(t.mcols - j, e1 - e);
+    scalar_t* wrow = w + (t.rows != nullptr ? t.rows[i] : i) * t.ws0;
+    const float* src = t.p + e;
+    if (t.cols != nullptr) {
+      for (int64_t k = 0; k < len; ++k) wrow[t.cols[j + k] * t.ws1] = static_cast<scalar_t>(src[k]);
+    } else {
+      for (int64_t k = 0; k < len; ++k) wrow[(j + k) * t.ws1] = static_cast<scalar_t>(src[k]);
+    }
+    e += len;
+  }
+}
+
+void fused_adamw_scatter_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                             at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList weights,
+                             const c10::List<std::optional<Tensor>>& rows,
+                             const c10::List<std::optional<Tensor>>& cols, at::ArrayRef<double> lrs,
+                             at::ArrayRef<double> weight_decays, at::IntArrayRef steps, double beta1, double beta2,
+                             double eps, bool amsgrad, bool maximize, double grad_scale) {
+  constexpr const char* op = "keystone::fused_adamw_scatter";
+  const size_t count = params.size();
+  const auto check_len = [&](size_t len, const char* name) {
+    TORCH_CHECK(len == count, op, ": ", name, " has ", len, " entries, params has ", count);
+  };
+  check_len(grads.size(), "grads");
+  check_len(exp_avgs.size(), "exp_avgs");
+  check_len(exp_avg_sqs.size(), "exp_avg_sqs");
+  check_len(weights.size(), "weights");
+  check_len(rows.size(), "rows");
+  check_len(cols.size(), "cols");
+  check_len(lrs.size(), "lrs");
+  check_len(weight_decays.size(), "weight_decays");
+  check_len(steps.size(), "steps");
+  if (amsgrad) check_len(max_exp_avg_sqs.size(), "max_exp_avg_sqs");
+  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0, op, ": beta1 must be in [0, 1), got ", beta1);
+  TORCH_CHECK(beta2 >= 0.0 && beta2 < 1.0, op, ": beta2 must be in [0, 1), got ", beta2);
+
+  std::vector<AdamwTensor> tensors;
+  std::vector<Tensor> keep;  // contiguous copies of index tensors, alive until the loop ends
+  tensors.reserve(count);
+  for (size_t k = 0; k < count; ++k) {
+    const Tensor& p = params[k];
+    const auto check_state = [&](const Tensor& t, const char* name) {
+      TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu() && t.is_contiguous() &&
+                      t.sizes() == p.sizes(),
+                  op, ": ", name, "[", k, "] must be a contiguous float32 CPU tensor of params[", k, "]'s shape ",
+                  p.sizes(), ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
+    };
+    TORCH_CHECK(p.dim() == 2, op, ": params[", k, "] must be 2-D, got shape ", p.sizes());
+    check_state(p, "params");
+    check_state(grads[k], "grads");
+    check_state(exp_avgs[k], "exp_avgs");
+    check_state(exp_avg_sqs[k], "exp_avg_sqs");
+    if (amsgrad) check_state(max_exp_avg_sqs[k], "max_exp_avg_sqs");
+    const Tensor& w = weights[k];
+    const std::string at_k = "[" + std::to_string(k) + "]";
+    check_weight(w, op, "weights" + at_k);
+    TORCH_CHECK(w.device().is_cpu(), op, ": weights[", k, "] must be a CPU tensor, got ", w.device());
+    const std::optional<Tensor> r = rows.get(k), c = cols.get(k);
+    check_index(r, op, "rows" + at_k, w.size(0));
+    check_index(c, op, "cols" + at_k, w.size(1));
+    const int64_t n = r.has_value() ? r->numel() : w.size(0);
+    const int64_t mcols = c.has_value() ? c->numel() : w.size(1);
+    TORCH_CHECK(p.size(0) == n && p.size(1) == mcols, op, ": params[", k, "] must have shape [", n, ", ", mcols,
+                "] (len(rows[k]) or out, len(cols[k]) or in), got ", p.sizes());
+    TORCH_CHECK(steps[k] >= 1, op, ": steps[", k, "] must be >= 1, got ", steps[k]);
+    if (r.has_value()) keep.push_back(r->contiguous());
+    const int64_t* rp = r.has_value() ? keep.back().const_data_ptr<int64_t>() : nullptr;
+    if (c.has_value()) keep.push_back(c->contiguous());
+    const int64_t* cp = c.has_value() ? keep.back().const_data_ptr<int64_t>() : nullptr;
+
+    const double step = static_cast<double>(steps[k]);
+    AdamwScalars s;
+    s.gscale = static_cast<float>(maximize ? -grad_scale : grad_scale);
+    s.decay = static_cast<float>(1.0 - lrs[k] * weight_decays[k]);
+    s.w1 = static_cast<float>(1.0 - beta1);
+    s.b2 = static_cast<float>(beta2);
+    s.omb2 = static_cast<float>(1.0 - beta2);
+    s.step_size = static_cast<float>(lrs[k] / (1.0 - std::pow(beta1, step)));
+    s.bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, step)));
+    s.eps = static_cast<float>(eps);
+    tensors.push_back(AdamwTensor{p.data_ptr<float>(), grads[k].const_data_ptr<float>(),
+                                  exp_avgs[k].data_ptr<float>(), exp_avg_sqs[k].data_ptr<float>(),
+                                  amsgrad ? max_exp_avg_sqs[k].data_ptr<float>() : nullptr, w.data_ptr(),
+                                  w.scalar_type(), w.stride(0), w.stride(1), rp, cp, n, mcols, s});
+  }
+
+  // Work items of at most kChunk elements across all tensors, so that two cores share one big
+  // tensor as well as many small ones.
+  constexpr int64_t kChunk = 16384;
+  struct Item {
+    size_t tensor;
+    int64_t begin, end;
+  };
+  std::vector<Item> items;
+  for (size_t k = 0; k < tensors.size(); ++k) {
+    const int64_t numel = tensors[k].n * tensors[k].mcols;
+    for (int64_t b = 0; b < numel; b += kChunk) items.push_back({k, b, std::min(numel, b + kChunk)});
+  }
+  static const AdamwSpanFn adamw_span = pick_adamw_span();
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const Item& it = items[i];
+      const AdamwTensor& t = tensors[it.tensor];
+      const int64_t b = it.begin;
+      adamw_span(t.p + b, t.g + b, t.m + b, t.v + b, t.vmax != nullptr ? t.vmax + b : nullptr, it.end - b, t.s,
+                 amsgrad);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.wdtype, "keystone_adamw_scatter",
+                                      [&] { scatter_span<scalar_t>(t, it.begin, it.end); });
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(keystone, m) {
   m.def("gather_wgrad(Tensor grad_out, Tensor x, Tensor? rows, Tensor? cols) -> Tensor");
   m.def("scatter_to_frozen(Tensor(a!) weight, Tensor src, Tensor? rows, Tensor? cols) -> ()");
+  m.def(
+      "fused_adamw_scatter(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] weights, Tensor?[] rows, Tensor?[] cols, float[] lrs, "
+      "float[] weight_decays, int[] steps, float beta1, float beta2, float eps, bool amsgrad, bool maximize, "
+      "float grad_scale) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(keystone, CPU, m) {
   m.impl("gather_wgrad", &gather_wgrad_cpu);
   m.impl("scatter_to_frozen", &scatter_to_frozen_cpu);
+  m.impl("fused_adamw_scatter", &fused_adamw_scatter_cpu);
 }
 
 }  // namespace keystone

@@ -9,7 +9,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <cstring>
 #include <optional>
+#include <string>
+#include <vector>
 
 #include "keystone_cuda.h"
 
@@ -18,7 +22,7 @@ namespace {
 
 using at::Tensor;
 
-int ks_dtype(at::ScalarType t, const char* op, const char* name) {
+int ks_dtype(at::ScalarType t, const char* op, const std::string& name) {
   switch (t) {
     case at::kFloat: return KS_FLOAT32;
     case at::kBFloat16: return KS_BFLOAT16;
@@ -29,14 +33,14 @@ int ks_dtype(at::ScalarType t, const char* op, const char* name) {
   return -1;
 }
 
-void check_cuda(const Tensor& t, const Tensor& ref, const char* op, const char* name) {
+void check_cuda(const Tensor& t, const Tensor& ref, const char* op, const std::string& name) {
   TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), op, ": ", name, " must be on ", ref.device(),
               " like the other arguments, got ", t.device());
 }
 
 // Shape, dtype and device only: checking index values would need a device sync on every call;
 // keystone_kernels.ops validates them once per index tensor before calling.
-const int64_t* index_ptr(const std::optional<Tensor>& idx, const Tensor& ref, const char* op, const char* name,
+const int64_t* index_ptr(const std::optional<Tensor>& idx, const Tensor& ref, const char* op, const std::string& name,
                          Tensor& keep) {
   if (!idx.has_value()) return nullptr;
   TORCH_CHECK(idx->scalar_type() == at::kLong, op, ": ", name, " must be int64, got ", idx->scalar_type());
@@ -107,11 +111,123 @@ void scatter_to_frozen_cuda(const Tensor& weight, const Tensor& src, const std::
                op);
 }
 
+void fused_adamw_scatter_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                              at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList weights,
+                              const c10::List<std::optional<Tensor>>& rows,
+                              const c10::List<std::optional<Tensor>>& cols, at::ArrayRef<double> lrs,
+                              at::ArrayRef<double> weight_decays, at::IntArrayRef steps, double beta1, double beta2,
+                              double eps, bool amsgrad, bool maximize, double grad_scale) {
+  constexpr const char* op = "keystone::fused_adamw_scatter";
+  const size_t count = params.size();
+  const auto check_len = [&](size_t len, const char* name) {
+    TORCH_CHECK(len == count, op, ": ", name, " has ", len, " entries, params has ", count);
+  };
+  check_len(grads.size(), "grads");
+  check_len(exp_avgs.size(), "exp_avgs");
+  check_len(exp_avg_sqs.size(), "exp_avg_sqs");
+  check_len(weights.size(), "weights");
+  check_len(rows.size(), "rows");
+  check_len(cols.size(), "cols");
+  check_len(lrs.size(), "lrs");
+  check_len(weight_decays.size(), "weight_decays");
+  check_len(steps.size(), "steps");
+  if (amsgrad) check_len(max_exp_avg_sqs.size(), "max_exp_avg_sqs");
+  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0, op, ": beta1 must be in [0, 1), got ", beta1);
+  TORCH_CHECK(beta2 >= 0.0 && beta2 < 1.0, op, ": beta2 must be in [0, 1), got ", beta2);
+  if (count == 0) return;
+  const Tensor& ref = params[0];
+  TORCH_CHECK(ref.is_cuda(), op, ": params[0] must be a CUDA tensor, got ", ref.device());
+  const c10::cuda::CUDAGuard guard(ref.device());
+
+  std::vector<KsAdamwTensor> tensors;
+  std::vector<KsAdamwBlock> blocks;
+  std::vector<Tensor> keep;  // contiguous index tensors, alive until the launch is queued
+  tensors.reserve(count);
+  for (size_t k = 0; k < count; ++k) {
+    const std::string at_k = "[" + std::to_string(k) + "]";
+    const Tensor& p = params[k];
+    const auto check_state = [&](const Tensor& t, const char* name) {
+      TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.sizes() == p.sizes(), op, ": ", name,
+                  at_k, " must be a contiguous float32 tensor of params", at_k, "'s shape ", p.sizes(), ", got ",
+                  t.scalar_type(), " ", t.sizes());
+      check_cuda(t, ref, op, std::string(name) + at_k);
+    };
+    TORCH_CHECK(p.dim() == 2, op, ": params", at_k, " must be 2-D, got shape ", p.sizes());
+    check_state(p, "params");
+    check_state(grads[k], "grads");
+    check_state(exp_avgs[k], "exp_avgs");
+    check_state(exp_avg_sqs[k], "exp_avg_sqs");
+    if (amsgrad) check_state(max_exp_avg_sqs[k], "max_exp_avg_sqs");
+    const Tensor& w = weights[k];
+    TORCH_CHECK(w.dim() == 2, op, ": weights", at_k, " must be 2-D [out, in], got shape ", w.sizes());
+    const int wdtype = ks_dtype(w.scalar_type(), op, "weights" + at_k);
+    check_cuda(w, ref, op, "weights" + at_k);
+    Tensor r_c, c_c;
+    const int64_t* rp = index_ptr(rows.get(k), ref, op, "rows" + at_k, r_c);
+    const int64_t* cp = index_ptr(cols.get(k), ref, op, "cols" + at_k, c_c);
+    if (rp != nullptr) keep.push_back(r_c);
+    if (cp != nullptr) keep.push_back(c_c);
+    const int64_t n = rp != nullptr ? r_c.numel() : w.size(0);
+    const int64_t mcols = cp != nullptr ? c_c.numel() : w.size(1);
+    TORCH_CHECK(p.size(0) == n && p.size(1) == mcols, op, ": params", at_k, " must have shape [", n, ", ", mcols,
+                "] (len(rows) or out, len(cols) or in), got ", p.sizes());
+    TORCH_CHECK(steps[k] >= 1, op, ": steps", at_k, " must be >= 1, got ", steps[k]);
+
+    const double step = static_cast<double>(steps[k]);
+    KsAdamwTensor t{};
+    t.p = p.data_ptr<float>();
+    t.g = grads[k].const_data_ptr<float>();
+    t.m = exp_avgs[k].data_ptr<float>();
+    t.v = exp_avg_sqs[k].data_ptr<float>();
+    t.vmax = amsgrad ? max_exp_avg_sqs[k].data_ptr<float>() : nullptr;
+    t.w = w.data_ptr();
+    t.rows = rp;
+    t.cols = cp;
+    t.n = n;
+    t.mcols = mcols;
+    t.ws0 = w.stride(0);
+    t.ws1 = w.stride(1);
+    t.decay = static_cast<float>(1.0 - lrs[k] * weight_decays[k]);
+    t.step_size = static_cast<float>(lrs[k] / (1.0 - std::pow(beta1, step)));
+    t.bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, step)));
+    t.wdtype = wdtype;
+    const int64_t index = static_cast<int64_t>(tensors.size());
+    tensors.push_back(t);
+    for (int64_t start = 0; start < n * mcols; start += KS_ADAMW_CHUNK) blocks.push_back({index, start});
+  }
+  if (blocks.empty()) return;
+
+  // One host-to-device copy of both tables, from pinned memory, ordered on the current stream.
+  const size_t tensor_bytes = tensors.size() * sizeof(KsAdamwTensor);
+  const size_t block_bytes = blocks.size() * sizeof(KsAdamwBlock);
+  static_assert(sizeof(KsAdamwTensor) % alignof(KsAdamwBlock) == 0, "blocks follow tensors, aligned");
+  Tensor host = at::empty({static_cast<int64_t>(tensor_bytes + block_bytes)},
+                          at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.data_ptr(), tensors.data(), tensor_bytes);
+  std::memcpy(static_cast<char*>(host.data_ptr()) + tensor_bytes, blocks.data(), block_bytes);
+  const Tensor dev = host.to(ref.device(), /*non_blocking=*/true);
+  const auto* dev_tensors = reinterpret_cast<const KsAdamwTensor*>(dev.const_data_ptr());
+  const auto* dev_blocks =
+      reinterpret_cast<const KsAdamwBlock*>(static_cast<const char*>(dev.const_data_ptr()) + tensor_bytes);
+
+  KsAdamwScalars s{};
+  s.gscale = static_cast<float>(maximize ? -grad_scale : grad_scale);
+  s.w1 = static_cast<float>(1.0 - beta1);
+  s.beta2 = static_cast<float>(beta2);
+  s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  s.eps = static_cast<float>(eps);
+  s.amsgrad = amsgrad ? 1 : 0;
+  check_launch(ks_fused_adamw_scatter_launch(dev_tensors, dev_blocks, static_cast<int64_t>(blocks.size()), s,
+                                             c10::cuda::getCurrentCUDAStream().stream()),
+               op);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(keystone, CUDA, m) {
   m.impl("gather_wgrad", &gather_wgrad_cuda);
   m.impl("scatter_to_frozen", &scatter_to_frozen_cuda);
+  m.impl("fused_adamw_scatter", &fused_adamw_scatter_cuda);
 }
 
 }  // namespace keystone

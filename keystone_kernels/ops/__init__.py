@@ -7,6 +7,7 @@ Public functions validate their inputs and route to the backend chosen by
 from .dispatch import (
     BACKENDS,
     available_backends,
+    fused_adamw_scatter,
     gather_wgrad,
     resolve_backend,
     scatter_to_frozen,
@@ -18,4 +19,5 @@ __all__ = [
     "resolve_backend",
     "gather_wgrad",
     "scatter_to_frozen",
+    "fused_adamw_scatter",
 ]

@@ -33,6 +33,7 @@ __all__ = [
     "resolve_backend",
     "gather_wgrad",
     "scatter_to_frozen",
+    "fused_adamw_scatter",
 ]
 
 BACKENDS = ("reference", "triton", "ext")
@@ -223,17 +224,19 @@ def gather_wgrad(
     return _route(backend, grad_out.device).gather_wgrad(grad_out, x, rows, cols)
 
 
-def _check_scatter_target(prefix: str, weight, src, rows, cols) -> None:
-    _check_tensor(f"{prefix}weight", weight, dim=2, dtypes=_FLOAT_DTYPES)
-    _check_tensor(f"{prefix}src" if prefix == "" else f"{prefix}param", src, dim=2, dtypes=(torch.float32,),
-                  device=weight.device)
-    _check_index(f"{prefix}rows", rows, weight.shape[0], weight.device, unique=True)
-    _check_index(f"{prefix}cols", cols, weight.shape[1], weight.device, unique=True)
+def _check_scatter_target(weight, src, rows, cols, *, suffix: str = "", src_name: str = "src") -> None:
+    """weight [out, in] float; src fp32 [len(rows) or out, len(cols) or in]; unique in-range indices.
+
+    ``suffix`` (e.g. "[3]") names the element of a list argument in the errors.
+    """
+    _check_tensor(f"weight{suffix}", weight, dim=2, dtypes=_FLOAT_DTYPES)
+    _check_tensor(f"{src_name}{suffix}", src, dim=2, dtypes=(torch.float32,), device=weight.device)
+    _check_index(f"rows{suffix}", rows, weight.shape[0], weight.device, unique=True)
+    _check_index(f"cols{suffix}", cols, weight.shape[1], weight.device, unique=True)
     n = weight.shape[0] if rows is None else rows.shape[0]
     m = weight.shape[1] if cols is None else cols.shape[0]
     if tuple(src.shape) != (n, m):
-        what = "src" if prefix == "" else f"{prefix}param"
-        raise ValueError(f"{what} must have shape ({n}, {m}) = (len(rows) or out, len(cols) or in), "
+        raise ValueError(f"{src_name}{suffix} must have shape ({n}, {m}) = (len(rows) or out, len(cols) or in), "
                          f"got {tuple(src.shape)}")
 
 
@@ -251,5 +254,114 @@ def scatter_to_frozen(
     rows / cols: sorted unique int64 indices, or None for all. Every other element of weight is
     left bit-identical.
     """
-    _check_scatter_target("", weight, src, rows, cols)
+    _check_scatter_target(weight, src, rows, cols)
     _route(backend, weight.device).scatter_to_frozen(weight, src, rows, cols)
+
+
+def _per_tensor(name: str, value, count: int, convert) -> list:
+    """A scalar broadcast to ``count`` values, or a sequence of exactly ``count``; each converted."""
+    values = list(value) if isinstance(value, Sequence) else [value] * count
+    if len(values) != count:
+        raise ValueError(f"{name} must be one number or one per tensor ({count}), got {len(values)}")
+    out = []
+    for i, v in enumerate(values):
+        try:
+            out.append(convert(v))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{name}[{i}] = {v!r}: {err}") from None
+    return out
+
+
+def _as_step(v) -> int:
+    f = float(v)  # ints, floats and 0-dim tensors (torch keeps optimizer steps as float tensors)
+    if not f.is_integer() or f < 1:
+        raise ValueError("a step must be a whole number >= 1 (the 1-based count of this update)")
+    return int(f)
+
+
+def fused_adamw_scatter(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    weights: Sequence[Tensor],
+    rows: Sequence[Tensor | None],
+    cols: Sequence[Tensor | None],
+    *,
+    lr: float | Sequence[float],
+    weight_decay: float | Sequence[float] = 0.01,
+    step: int | Sequence[int],
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    max_exp_avg_sqs: Sequence[Tensor] | None = None,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    grad_scale: float = 1.0,
+    backend: str | None = None,
+) -> None:
+    """One AdamW step on every keystone tensor, then the new values scattered into the frozen weights.
+
+    Per tensor k, elementwise, the math of ``torch.optim.AdamW``::
+
+        g = grads[k] * grad_scale                (negated when maximize)
+        params[k] *= 1 - lr[k] * weight_decay[k]
+        exp_avgs[k] = lerp(exp_avgs[k], g, 1 - beta1)
+        exp_avg_sqs[k] = beta2 * exp_avg_sqs[k] + (1 - beta2) * g * g
+        max_exp_avg_sqs[k] = max(max_exp_avg_sqs[k], exp_avg_sqs[k])    (amsgrad; used below)
+        params[k] -= lr[k] / bc1 * exp_avgs[k] / (sqrt(exp_avg_sqs[k]) / sqrt(bc2) + eps)
+        weights[k][rows[k]][:, cols[k]] = rne(params[k])
+
+    with ``bc1 = 1 - beta1**step[k]``, ``bc2 = 1 - beta2**step[k]``.
+
+    params, grads, exp_avgs, exp_avg_sqs (, max_exp_avg_sqs): float32 [n_k, m_k], contiguous, one
+    device. weights[k]: the frozen [out, in] float32 / bfloat16 / float16 weight that params[k]
+    lives in at (rows[k], cols[k]) (sorted unique int64, or None for all); several tensors may
+    share one weight as long as their elements are disjoint (a row tensor and the column tensor
+    of the other rows). lr, weight_decay: one float or one per tensor (param groups); step: the
+    1-based number of this update, one or one per tensor, already incremented by the caller.
+    """
+    lists = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
+             "weights": weights, "rows": rows, "cols": cols}
+    if amsgrad:
+        if max_exp_avg_sqs is None:
+            raise ValueError("amsgrad=True needs max_exp_avg_sqs (one float32 tensor per param)")
+        lists["max_exp_avg_sqs"] = max_exp_avg_sqs
+    elif max_exp_avg_sqs:
+        raise ValueError("max_exp_avg_sqs given but amsgrad=False: pass amsgrad=True to use them")
+    for name, value in lists.items():
+        if isinstance(value, Tensor) or not isinstance(value, Sequence):
+            raise ValueError(f"{name} must be a list or tuple, got {type(value).__name__}")
+    count = len(params)
+    for name, value in lists.items():
+        if len(value) != count:
+            raise ValueError(f"{name} has {len(value)} entries, params has {count}: one per keystone tensor")
+    for name, value in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= float(value) < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {value}")
+    if not float(eps) >= 0.0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    lrs = _per_tensor("lr", lr, count, float)
+    wds = _per_tensor("weight_decay", weight_decay, count, float)
+    steps = _per_tensor("step", step, count, _as_step)
+    if count == 0:
+        return
+    device = params[0].device if isinstance(params[0], Tensor) else None
+    state = ["grads", "exp_avgs", "exp_avg_sqs"] + (["max_exp_avg_sqs"] if amsgrad else [])
+    for k in range(count):
+        p = params[k]
+        _check_tensor(f"params[{k}]", p, dim=2, dtypes=(torch.float32,), device=device)
+        if not p.is_contiguous():
+            raise ValueError(f"params[{k}] must be contiguous")
+        for name in state:
+            t = lists[name][k]
+            _check_tensor(f"{name}[{k}]", t, dim=2, dtypes=(torch.float32,), device=device)
+            if t.shape != p.shape or not t.is_contiguous():
+                raise ValueError(f"{name}[{k}] must be contiguous with params[{k}]'s shape {tuple(p.shape)}, "
+                                 f"got {tuple(t.shape)}{'' if t.is_contiguous() else ' (not contiguous)'}")
+        _check_scatter_target(weights[k], p, rows[k], cols[k], suffix=f"[{k}]", src_name="params")
+    _route(backend, device).fused_adamw_scatter(
+        list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs or []), list(weights),
+        list(rows), list(cols), lrs, wds, steps, float(beta1), float(beta2), float(eps), bool(amsgrad),
+        bool(maximize), float(grad_scale),
+    )

@@ -40,10 +40,11 @@ __all__ = [
     "has_cuda",
     "gather_wgrad",
     "scatter_to_frozen",
+    "fused_adamw_scatter",
 ]
 
 _NAMESPACE = "keystone"
-_OPS = ("gather_wgrad", "scatter_to_frozen")
+_OPS = ("gather_wgrad", "scatter_to_frozen", "fused_adamw_scatter")
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent  # keystone_kernels/
 
 _lock = threading.Lock()
@@ -103,10 +104,11 @@ def sources(root: Path | None = None, with_cuda: bool = False) -> list[str]:
 
 
 def cxx_flags() -> list[str]:
-    # -O3 lets GCC vectorise the AdamW loops; -fno-math-errno lets it vectorise sqrt. No
-    # -march=native: the library must run on any x86-64 it is copied to (AVX2 clones of the hot
-    # loops are chosen at load time, see keystone.cpp).
-    return ["-O3", "-fno-math-errno"]
+    # -O3 lets GCC vectorise the AdamW loops; -fno-math-errno lets it vectorise sqrt;
+    # -ffp-contract=off keeps a * b + c unfused except where keystone.cpp fuses on purpose (to
+    # round like torch's own kernels). No -march=native: the library must run on any x86-64 it is
+    # copied to (an AVX2 copy of the AdamW loop is chosen at run time, see keystone.cpp).
+    return ["-O3", "-fno-math-errno", "-ffp-contract=off"]
 
 
 def nvcc_flags() -> list[str]:
@@ -195,6 +197,11 @@ def _register_fakes() -> None:
     def _(weight, src, rows, cols):
         return None
 
+    @torch.library.register_fake(f"{_NAMESPACE}::fused_adamw_scatter")
+    def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, weights, rows, cols, lrs, weight_decays, steps,
+          beta1, beta2, eps, amsgrad, maximize, grad_scale):
+        return None
+
     _fakes_registered = True
 
 
@@ -251,3 +258,11 @@ def gather_wgrad(grad_out, x, rows, cols):
 def scatter_to_frozen(weight, src, rows, cols):
     load()
     torch.ops.keystone.scatter_to_frozen(weight, src, rows, cols)
+
+
+def fused_adamw_scatter(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, weights, rows, cols, lrs,
+                        weight_decays, steps, beta1, beta2, eps, amsgrad, maximize, grad_scale):
+    load()
+    torch.ops.keystone.fused_adamw_scatter(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, weights, rows,
+                                           cols, lrs, weight_decays, steps, beta1, beta2, eps, amsgrad, maximize,
+                                           grad_scale)

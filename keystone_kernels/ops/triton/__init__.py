@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import torch
 
+from . import adamw as _adamw
 from . import scatter as _scatter
 from . import wgrad as _wgrad
 
-__all__ = ["gather_wgrad", "scatter_to_frozen"]
+__all__ = ["gather_wgrad", "scatter_to_frozen", "fused_adamw_scatter"]
 
 
 def gather_wgrad(grad_out, x, rows, cols):
@@ -20,3 +21,7 @@ def gather_wgrad(grad_out, x, rows, cols):
 
 def scatter_to_frozen(weight, src, rows, cols):
     torch.ops.keystone_triton.scatter_to_frozen(weight, src, rows, cols)
+
+
+def fused_adamw_scatter(*args):
+    torch.ops.keystone_triton.fused_adamw_scatter(*args)
