@@ -112,11 +112,11 @@ def resolve_backend(name: str | None = None, device: torch.device | str | None =
     cannot run on ``device``.
     """
     global _warned_fallback
-    source = "backend"
+    source = "backend argument"
     if name is None:
-        name, source = os.environ.get(_ENV) or "auto", _ENV
+        name, source = os.environ.get(_ENV) or "auto", f"${_ENV}"
     if not isinstance(name, str) or name.strip().lower() not in ("auto",) + BACKENDS:
-        raise ValueError(f"{source}={name!r} is not a keystone backend; valid: {', '.join(('auto',) + BACKENDS)}")
+        raise ValueError(f"{name!r} ({source}) is not a keystone backend; valid: {', '.join(('auto',) + BACKENDS)}")
     name = name.strip().lower()
     dev = _as_device(device)
     if name != "auto":

@@ -9,14 +9,16 @@ Loading order, first that works wins:
    ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/keystone_kernels/torch_extensions``) and rebuilt
    only when a source or flag changes.
 
-CUDA sources are compiled when torch is a CUDA build and a CUDA toolkit is found (``CUDA_HOME``).
+CUDA sources are compiled when torch is a CUDA build and a CUDA toolkit is found (``CUDA_HOME``);
+``KEYSTONE_BUILD_CUDA=1`` demands them (an error if they cannot be built), ``=0`` leaves them out.
+When CUDA was only opportunistic and its build fails, the CPU kernels are built alone, with a
+warning.
 Sources come from ``keystone_kernels/csrc`` in an installed wheel (setup.py copies them there as
 package data) or from ``<repo>/csrc`` in a checkout.
 """
 
 from __future__ import annotations
 
-import glob
 import importlib.util
 import os
 import shutil
@@ -77,16 +79,26 @@ def cuda_toolkit_available() -> bool:
     return CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
 
 
+def _cuda_demand() -> bool | None:
+    """``$KEYSTONE_BUILD_CUDA``: True (1/true/yes/on), False (0/false/no/off) or None (unset: auto)."""
+    value = os.environ.get("KEYSTONE_BUILD_CUDA", "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    return None
+
+
 def want_cuda() -> bool:
     """Whether to compile the CUDA kernels: ``$KEYSTONE_BUILD_CUDA`` 1 / 0, else when a toolkit is found.
 
     Raises ExtensionUnavailable when CUDA is demanded (1) but torch or the toolkit cannot build it.
     """
-    asked = os.environ.get("KEYSTONE_BUILD_CUDA", "").strip().lower()
-    if asked in ("0", "false", "no", "off"):
+    demand = _cuda_demand()
+    if demand is False:
         return False
     available = cuda_toolkit_available()
-    if asked in ("1", "true", "yes", "on") and not available:
+    if demand and not available:
         raise ExtensionUnavailable(
             "KEYSTONE_BUILD_CUDA=1 but the CUDA kernels cannot be built: "
             + ("this torch is a CPU build" if torch.version.cuda is None else "no CUDA toolkit found (set CUDA_HOME)")
@@ -139,11 +151,10 @@ def _find_prebuilt() -> str | None:
     try:
         spec = importlib.util.find_spec("keystone_kernels._C")
     except (ImportError, ValueError):
-        spec = None
+        return None
     if spec is not None and spec.origin and os.path.isfile(spec.origin):
         return spec.origin
-    hits = sorted(glob.glob(str(_PACKAGE_DIR / "_C*.so")))
-    return hits[0] if hits else None
+    return None
 
 
 def _jit_build(verbose: bool) -> str:
@@ -161,6 +172,19 @@ def _jit_build(verbose: bool) -> str:
             "or use backend='reference'"
         )
     with_cuda = want_cuda()
+    try:
+        return _build(with_cuda, verbose)
+    except ExtensionUnavailable as err:
+        if not with_cuda or _cuda_demand():
+            raise
+        # CUDA was only opportunistic: keep the CPU kernels rather than lose the whole extension.
+        warnings.warn(f"{err}; building the CPU kernels only", stacklevel=3)
+        return _build(False, verbose)
+
+
+def _build(with_cuda: bool, verbose: bool) -> str:
+    from torch.utils import cpp_extension
+
     name = "keystone_ext_cuda" if with_cuda else "keystone_ext_cpu"
     build_dir = _extensions_dir() / name
     build_dir.mkdir(parents=True, exist_ok=True)
