@@ -43,16 +43,17 @@ bool is_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
 }
 
-// out[t, j] = float(in[t, idx[j]]) (or in[t, j] when idx is absent): one pass that gathers and
-// upcasts into a contiguous fp32 [T, n] buffer, the shape BLAS wants.
+// out[t, j] = float(in[t, idx[j]]): one pass that gathers and upcasts into a contiguous fp32
+// [T, n] buffer, the shape BLAS wants; without idx, in as fp32.
 Tensor gather_cols_f32(const Tensor& in, const std::optional<Tensor>& idx) {
   const int64_t T = in.size(0);
-  const int64_t n = idx.has_value() ? idx->numel() : in.size(1);
-  if (!idx.has_value() && in.scalar_type() == at::kFloat) return in;  // at::mm handles any strides
+  // Without an index ATen's vectorised cast is the fastest (a no-op for fp32: at::mm takes any strides).
+  if (!idx.has_value()) return in.to(at::kFloat);
+  const int64_t n = idx->numel();
   Tensor out = at::empty({T, n}, in.options().dtype(at::kFloat));
   if (T == 0 || n == 0) return out;
-  const Tensor ci = idx.has_value() ? idx->contiguous() : Tensor();
-  const int64_t* ip = idx.has_value() ? ci.data_ptr<int64_t>() : nullptr;
+  const Tensor ci = idx->contiguous();
+  const int64_t* ip = ci.data_ptr<int64_t>();
   const int64_t s0 = in.stride(0), s1 = in.stride(1);
   float* op = out.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), "keystone_gather_cols", [&] {
@@ -62,11 +63,7 @@ Tensor gather_cols_f32(const Tensor& in, const std::optional<Tensor>& idx) {
       for (int64_t t = t0; t < t1; ++t) {
         const scalar_t* row = src + t * s0;
         float* dst = op + t * n;
-        if (ip != nullptr) {
-          for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(row[ip[j] * s1]);
-        } else {
-          for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(row[j * s1]);
-        }
+        for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(row[ip[j] * s1]);
       }
     });
   });
