@@ -26,7 +26,7 @@ from setuptools.command.sdist import sdist
 
 HERE = Path(__file__).resolve().parent
 CSRC = HERE / "csrc"
-SOURCE_PATTERNS = ("*.cpp", "cuda/*.cu", "cuda/*.cpp", "cuda/*.h")
+SOURCE_PATTERNS = ("*.cpp", "*.h", "cuda/*.cu", "cuda/*.cpp", "cuda/*.h")
 
 
 def _csrc_files() -> list[Path]:

@@ -10,6 +10,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "adamw_args.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -272,67 +274,47 @@ void fused_adamw_scatter_cpu(at::TensorList params, at::TensorList grads, at::Te
                              const c10::List<std::optional<Tensor>>& cols, at::ArrayRef<double> lrs,
                              at::ArrayRef<double> weight_decays, at::IntArrayRef steps, double beta1, double beta2,
                              double eps, bool amsgrad, bool maximize, double grad_scale) {
-  constexpr const char* op = "keystone::fused_adamw_scatter";
+  constexpr const char* op = kAdamwOp;
+  check_adamw_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, weights, rows, cols, lrs, weight_decays,
+                    steps, beta1, beta2, amsgrad);
   const size_t count = params.size();
-  const auto check_len = [&](size_t len, const char* name) {
-    TORCH_CHECK(len == count, op, ": ", name, " has ", len, " entries, params has ", count);
-  };
-  check_len(grads.size(), "grads");
-  check_len(exp_avgs.size(), "exp_avgs");
-  check_len(exp_avg_sqs.size(), "exp_avg_sqs");
-  check_len(weights.size(), "weights");
-  check_len(rows.size(), "rows");
-  check_len(cols.size(), "cols");
-  check_len(lrs.size(), "lrs");
-  check_len(weight_decays.size(), "weight_decays");
-  check_len(steps.size(), "steps");
-  if (amsgrad) check_len(max_exp_avg_sqs.size(), "max_exp_avg_sqs");
-  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0, op, ": beta1 must be in [0, 1), got ", beta1);
-  TORCH_CHECK(beta2 >= 0.0 && beta2 < 1.0, op, ": beta2 must be in [0, 1), got ", beta2);
-
   std::vector<AdamwTensor> tensors;
   std::vector<Tensor> keep;  // contiguous copies of index tensors, alive until the loop ends
   tensors.reserve(count);
   for (size_t k = 0; k < count; ++k) {
     const Tensor& p = params[k];
-    const auto check_state = [&](const Tensor& t, const char* name) {
-      TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu() && t.is_contiguous() &&
-                      t.sizes() == p.sizes(),
-                  op, ": ", name, "[", k, "] must be a contiguous float32 CPU tensor of params[", k, "]'s shape ",
-                  p.sizes(), ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
-    };
-    TORCH_CHECK(p.dim() == 2, op, ": params[", k, "] must be 2-D, got shape ", p.sizes());
-    check_state(p, "params");
-    check_state(grads[k], "grads");
-    check_state(exp_avgs[k], "exp_avgs");
-    check_state(exp_avg_sqs[k], "exp_avg_sqs");
-    if (amsgrad) check_state(max_exp_avg_sqs[k], "max_exp_avg_sqs");
+    for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&p, "params"}, {&grads[k], "grads"},
+                                  {&exp_avgs[k], "exp_avgs"}, {&exp_avg_sqs[k], "exp_avg_sqs"}}) {
+      check_adamw_state(*t, p, name, k);
+      TORCH_CHECK(t->device().is_cpu(), op, ": ", name, "[", k, "] must be a CPU tensor, got ", t->device());
+    }
+    if (amsgrad) {
+      check_adamw_state(max_exp_avg_sqs[k], p, "max_exp_avg_sqs", k);
+      TORCH_CHECK(max_exp_avg_sqs[k].device().is_cpu(), op, ": max_exp_avg_sqs[", k, "] must be a CPU tensor");
+    }
     const Tensor& w = weights[k];
-    const std::string at_k = "[" + std::to_string(k) + "]";
-    check_weight(w, op, "weights" + at_k);
+    check_weight(w, op, at_index("weights", k));
     TORCH_CHECK(w.device().is_cpu(), op, ": weights[", k, "] must be a CPU tensor, got ", w.device());
     const std::optional<Tensor> r = rows.get(k), c = cols.get(k);
-    check_index(r, op, "rows" + at_k, w.size(0));
-    check_index(c, op, "cols" + at_k, w.size(1));
+    check_index(r, op, at_index("rows", k), w.size(0));
+    check_index(c, op, at_index("cols", k), w.size(1));
     const int64_t n = r.has_value() ? r->numel() : w.size(0);
     const int64_t mcols = c.has_value() ? c->numel() : w.size(1);
-    TORCH_CHECK(p.size(0) == n && p.size(1) == mcols, op, ": params[", k, "] must have shape [", n, ", ", mcols,
-                "] (len(rows[k]) or out, len(cols[k]) or in), got ", p.sizes());
-    TORCH_CHECK(steps[k] >= 1, op, ": steps[", k, "] must be >= 1, got ", steps[k]);
+    check_adamw_target(p, n, mcols, k);
     if (r.has_value()) keep.push_back(r->contiguous());
     const int64_t* rp = r.has_value() ? keep.back().const_data_ptr<int64_t>() : nullptr;
     if (c.has_value()) keep.push_back(c->contiguous());
     const int64_t* cp = c.has_value() ? keep.back().const_data_ptr<int64_t>() : nullptr;
 
-    const double step = static_cast<double>(steps[k]);
+    const AdamwTensorScalars ts = adamw_tensor_scalars(lrs[k], weight_decays[k], steps[k], beta1, beta2);
     AdamwScalars s;
     s.gscale = static_cast<float>(maximize ? -grad_scale : grad_scale);
-    s.decay = static_cast<float>(1.0 - lrs[k] * weight_decays[k]);
+    s.decay = ts.decay;
     s.w1 = static_cast<float>(1.0 - beta1);
     s.b2 = static_cast<float>(beta2);
     s.omb2 = static_cast<float>(1.0 - beta2);
-    s.step_size = static_cast<float>(lrs[k] / (1.0 - std::pow(beta1, step)));
-    s.bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, step)));
+    s.step_size = ts.step_size;
+    s.bc2_sqrt = ts.bc2_sqrt;
     s.eps = static_cast<float>(eps);
     tensors.push_back(AdamwTensor{p.data_ptr<float>(), grads[k].const_data_ptr<float>(),
                                   exp_avgs[k].data_ptr<float>(), exp_avg_sqs[k].data_ptr<float>(),

@@ -9,12 +9,12 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <cstring>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "../adamw_args.h"
 #include "keystone_cuda.h"
 
 namespace keystone {
@@ -117,23 +117,10 @@ void fused_adamw_scatter_cuda(at::TensorList params, at::TensorList grads, at::T
                               const c10::List<std::optional<Tensor>>& cols, at::ArrayRef<double> lrs,
                               at::ArrayRef<double> weight_decays, at::IntArrayRef steps, double beta1, double beta2,
                               double eps, bool amsgrad, bool maximize, double grad_scale) {
-  constexpr const char* op = "keystone::fused_adamw_scatter";
+  constexpr const char* op = kAdamwOp;
+  check_adamw_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, weights, rows, cols, lrs, weight_decays,
+                    steps, beta1, beta2, amsgrad);
   const size_t count = params.size();
-  const auto check_len = [&](size_t len, const char* name) {
-    TORCH_CHECK(len == count, op, ": ", name, " has ", len, " entries, params has ", count);
-  };
-  check_len(grads.size(), "grads");
-  check_len(exp_avgs.size(), "exp_avgs");
-  check_len(exp_avg_sqs.size(), "exp_avg_sqs");
-  check_len(weights.size(), "weights");
-  check_len(rows.size(), "rows");
-  check_len(cols.size(), "cols");
-  check_len(lrs.size(), "lrs");
-  check_len(weight_decays.size(), "weight_decays");
-  check_len(steps.size(), "steps");
-  if (amsgrad) check_len(max_exp_avg_sqs.size(), "max_exp_avg_sqs");
-  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0, op, ": beta1 must be in [0, 1), got ", beta1);
-  TORCH_CHECK(beta2 >= 0.0 && beta2 < 1.0, op, ": beta2 must be in [0, 1), got ", beta2);
   if (count == 0) return;
   const Tensor& ref = params[0];
   TORCH_CHECK(ref.is_cuda(), op, ": params[0] must be a CUDA tensor, got ", ref.device());
@@ -144,36 +131,30 @@ void fused_adamw_scatter_cuda(at::TensorList params, at::TensorList grads, at::T
   std::vector<Tensor> keep;  // contiguous index tensors, alive until the launch is queued
   tensors.reserve(count);
   for (size_t k = 0; k < count; ++k) {
-    const std::string at_k = "[" + std::to_string(k) + "]";
     const Tensor& p = params[k];
-    const auto check_state = [&](const Tensor& t, const char* name) {
-      TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.sizes() == p.sizes(), op, ": ", name,
-                  at_k, " must be a contiguous float32 tensor of params", at_k, "'s shape ", p.sizes(), ", got ",
-                  t.scalar_type(), " ", t.sizes());
-      check_cuda(t, ref, op, std::string(name) + at_k);
-    };
-    TORCH_CHECK(p.dim() == 2, op, ": params", at_k, " must be 2-D, got shape ", p.sizes());
-    check_state(p, "params");
-    check_state(grads[k], "grads");
-    check_state(exp_avgs[k], "exp_avgs");
-    check_state(exp_avg_sqs[k], "exp_avg_sqs");
-    if (amsgrad) check_state(max_exp_avg_sqs[k], "max_exp_avg_sqs");
+    for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&p, "params"}, {&grads[k], "grads"},
+                                  {&exp_avgs[k], "exp_avgs"}, {&exp_avg_sqs[k], "exp_avg_sqs"}}) {
+      check_adamw_state(*t, p, name, k);
+      check_cuda(*t, ref, op, at_index(name, k));
+    }
+    if (amsgrad) {
+      check_adamw_state(max_exp_avg_sqs[k], p, "max_exp_avg_sqs", k);
+      check_cuda(max_exp_avg_sqs[k], ref, op, at_index("max_exp_avg_sqs", k));
+    }
     const Tensor& w = weights[k];
-    TORCH_CHECK(w.dim() == 2, op, ": weights", at_k, " must be 2-D [out, in], got shape ", w.sizes());
-    const int wdtype = ks_dtype(w.scalar_type(), op, "weights" + at_k);
-    check_cuda(w, ref, op, "weights" + at_k);
+    TORCH_CHECK(w.dim() == 2, op, ": weights[", k, "] must be 2-D [out, in], got shape ", w.sizes());
+    const int wdtype = ks_dtype(w.scalar_type(), op, at_index("weights", k));
+    check_cuda(w, ref, op, at_index("weights", k));
     Tensor r_c, c_c;
-    const int64_t* rp = index_ptr(rows.get(k), ref, op, "rows" + at_k, r_c);
-    const int64_t* cp = index_ptr(cols.get(k), ref, op, "cols" + at_k, c_c);
+    const int64_t* rp = index_ptr(rows.get(k), ref, op, at_index("rows", k), r_c);
+    const int64_t* cp = index_ptr(cols.get(k), ref, op, at_index("cols", k), c_c);
     if (rp != nullptr) keep.push_back(r_c);
     if (cp != nullptr) keep.push_back(c_c);
     const int64_t n = rp != nullptr ? r_c.numel() : w.size(0);
     const int64_t mcols = cp != nullptr ? c_c.numel() : w.size(1);
-    TORCH_CHECK(p.size(0) == n && p.size(1) == mcols, op, ": params", at_k, " must have shape [", n, ", ", mcols,
-                "] (len(rows) or out, len(cols) or in), got ", p.sizes());
-    TORCH_CHECK(steps[k] >= 1, op, ": steps", at_k, " must be >= 1, got ", steps[k]);
+    check_adamw_target(p, n, mcols, k);
 
-    const double step = static_cast<double>(steps[k]);
+    const AdamwTensorScalars ts = adamw_tensor_scalars(lrs[k], weight_decays[k], steps[k], beta1, beta2);
     KsAdamwTensor t{};
     t.p = p.data_ptr<float>();
     t.g = grads[k].const_data_ptr<float>();
@@ -187,9 +168,9 @@ void fused_adamw_scatter_cuda(at::TensorList params, at::TensorList grads, at::T
     t.mcols = mcols;
     t.ws0 = w.stride(0);
     t.ws1 = w.stride(1);
-    t.decay = static_cast<float>(1.0 - lrs[k] * weight_decays[k]);
-    t.step_size = static_cast<float>(lrs[k] / (1.0 - std::pow(beta1, step)));
-    t.bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, step)));
+    t.decay = ts.decay;
+    t.step_size = ts.step_size;
+    t.bc2_sqrt = ts.bc2_sqrt;
     t.wdtype = wdtype;
     const int64_t index = static_cast<int64_t>(tensors.size());
     tensors.push_back(t);
