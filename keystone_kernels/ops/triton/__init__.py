@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from . import adamw as _adamw
-from . import scatter as _scatter
-from . import wgrad as _wgrad
+# Imported for their side effect: registering the keystone_triton::* ops.
+from . import adamw as _adamw  # noqa: F401
+from . import scatter as _scatter  # noqa: F401
+from . import wgrad as _wgrad  # noqa: F401
 
 __all__ = ["gather_wgrad", "scatter_to_frozen", "fused_adamw_scatter"]
 
