@@ -232,6 +232,8 @@ def _register_fakes() -> None:
 def load(verbose: bool = False) -> str:
     """Make ``torch.ops.keystone`` available; returns where it came from. Raises ExtensionUnavailable."""
     global _loaded_from, _load_error
+    if _loaded_from is not None:  # hot path, lock-free: every op call (and torch.compile tracing) comes here
+        return _loaded_from
     with _lock:
         if _loaded_from is not None:
             return _loaded_from
