@@ -6,12 +6,16 @@ Public API (everything else is private)::
     found = keystone_kernels.find_keystone(model, tok)          # prompts: {group: [str]}
     with keystone_kernels.ablate(model, found.mask):
         ...                                                      # the model collapses here
+    keystone_kernels.patch(model, found.mask)                    # only keystone rows/cols train
 """
 
+from .adapter import load_adapter, save_adapter
 from .arch import ALL_TYPES, PAPER_TYPES, RESIDUAL_TYPES
 from .discovery import Discovery, default_prompts, find_keystone, select_top
 from .mask import KeystoneMask
+from .linear import KeystoneLinear
 from .models import load_default_model, load_model
+from .patching import keystone_parameters, merge, patch, sync_frozen
 from .verify import (
     ablate,
     collapse_table,
@@ -29,6 +33,7 @@ __all__ = [
     "PAPER_TYPES",
     "RESIDUAL_TYPES",
     "Discovery",
+    "KeystoneLinear",
     "KeystoneMask",
     "ablate",
     "collapse_table",
@@ -36,10 +41,16 @@ __all__ = [
     "default_texts",
     "evaluate_perplexity",
     "find_keystone",
+    "keystone_parameters",
+    "load_adapter",
     "load_default_model",
     "load_model",
+    "merge",
+    "patch",
+    "save_adapter",
     "scale",
     "score_exact_match",
     "score_multiple_choice",
     "select_top",
+    "sync_frozen",
 ]

@@ -1,0 +1,186 @@
+"""KeystoneLinear: a frozen low-precision weight plus dense fp32 keystone rows / columns.
+
+For ``W: [out, in]`` with keystone rows R and columns C (DESIGN.md sections 2-3):
+
+- ``frozen_weight``: the whole matrix in ``frozen_dtype`` (bf16 by default), a buffer. It always
+  holds the current keystone values (rounded), kept in sync by :meth:`KeystoneLinear.sync_frozen`
+  and by the fused optimizer step, so the forward is one dense GEMM.
+- ``weight_rows``: fp32 parameter ``[|R|, in]`` = ``W[R, :]`` (rows own their whole row).
+- ``weight_cols``: fp32 parameter ``[out - |R|, |C|]`` = ``W[notR][:, C]`` (columns own the rest).
+  Sized without the R rows so that every weight element belongs to exactly one trainable tensor
+  and the parameter count equals :meth:`KeystoneMask.num_parameters`.
+- ``bias_rows``: fp32 parameter ``[|R|]``, the bias of keystone rows (when the layer has a bias).
+
+Backward returns the full input gradient and only the keystone gradients, through the gather
+kernels of :mod:`keystone_kernels.ops`; no ``[out, in]`` gradient is ever allocated. It saves all
+of ``X`` only when the layer has keystone rows, ``X[:, C]`` when it has columns only, and nothing
+for the weight gradient when it has neither.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from . import ops
+
+
+def _compute_view(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """The frozen tensor in the activations' dtype (an upcast copy on CPU, where bf16 GEMM is slow)."""
+    if t is None or t.dtype == dtype:
+        return t
+    return t.to(dtype)
+
+
+class _KeystoneLinearFunction(torch.autograd.Function):
+    """y = x W^T + b with W the frozen weight; grads only for the keystone tensors.
+
+    Inputs 1-3 (the keystone parameters) are not read by the forward (W already holds their
+    values); they are inputs so that autograd routes their gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight_rows, weight_cols, bias_rows, frozen, bias, rows, col_rows, cols, backend):
+        y = F.linear(x, _compute_view(frozen, x.dtype), _compute_view(bias, x.dtype))
+        need_rows = weight_rows is not None and ctx.needs_input_grad[1]
+        need_cols = weight_cols is not None and ctx.needs_input_grad[2]
+        x2d = x.reshape(-1, x.shape[-1])
+        saved_x = x2d if need_rows else None
+        # Columns only (o_proj / down_proj in the paper's mapping): keep |C| columns of X, not all.
+        saved_xc = x2d.index_select(1, cols) if need_cols and not need_rows else None
+        ctx.save_for_backward(saved_x, saved_xc, frozen, rows, col_rows, cols)
+        ctx.need = (need_rows, need_cols, bias_rows is not None and ctx.needs_input_grad[3])
+        ctx.backend = backend
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        saved_x, saved_xc, frozen, rows, col_rows, cols = ctx.saved_tensors
+        need_rows, need_cols, need_bias = ctx.need
+        dy = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_x = grad_rows = grad_cols = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_y @ _compute_view(frozen, grad_y.dtype)
+        if need_rows:
+            grad_rows = ops.gather_wgrad(dy, saved_x.to(dy.dtype), rows, None, backend=ctx.backend)
+        if need_cols:
+            xc = saved_xc if saved_xc is not None else saved_x.index_select(1, cols)
+            grad_cols = ops.gather_wgrad(dy, xc.to(dy.dtype), col_rows, None, backend=ctx.backend)
+        if need_bias:
+            grad_bias = dy.index_select(1, rows).sum(0, dtype=torch.float32)
+        return grad_x, grad_rows, grad_cols, grad_bias, None, None, None, None, None, None
+
+
+class KeystoneLinear(nn.Module):
+    """Drop-in for ``nn.Linear`` (or GPT-2 ``Conv1D``, ``transposed=True``) training only keystone rows / columns.
+
+    Args:
+        weight: ``[out, in]`` original weight (any float dtype; copied).
+        bias: ``[out]`` or None.
+        rows, cols: int64 sorted unique keystone rows R and columns C (may be empty).
+        frozen_dtype: storage dtype of the frozen matrix.
+        backend: op backend for the weight-gradient kernels (see :func:`ops.resolve_backend`).
+        train_bias: make the bias entries of keystone rows trainable.
+        transposed: the module it replaces stored ``[in, out]`` (GPT-2 ``Conv1D``); used by merge.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, rows: Tensor, cols: Tensor, frozen_dtype: torch.dtype = torch.bfloat16,
+                 backend: str | None = None, train_bias: bool = True, transposed: bool = False):
+        super().__init__()
+        out_features, in_features = weight.shape
+        self.in_features, self.out_features = in_features, out_features
+        self.backend, self.transposed = backend, transposed
+        device = weight.device
+        weight = weight.detach()
+        # own copies: the same tensor passed twice to the autograd Function breaks torch.compile's graph
+        rows = rows.to(device, torch.int64, copy=True)
+        cols = cols.to(device, torch.int64, copy=True)
+        self.register_buffer("frozen_weight", weight.to(frozen_dtype).contiguous(), persistent=True)
+        self.register_buffer("frozen_bias", None if bias is None else bias.detach().to(frozen_dtype).clone(), persistent=True)
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
+        col_rows = None
+        if len(rows):
+            keep = torch.ones(out_features, dtype=torch.bool, device=device)
+            keep[rows] = False
+            col_rows = keep.nonzero().flatten()
+        self.register_buffer("col_rows", col_rows, persistent=False)
+        # fp32 masters start from the original values, not from their frozen_dtype rounding
+        self.weight_rows = nn.Parameter(weight.index_select(0, rows).float()) if len(rows) else None
+        cols_src = weight if col_rows is None else weight.index_select(0, col_rows)
+        self.weight_cols = nn.Parameter(cols_src.index_select(1, cols).float()) if len(cols) else None
+        self.bias_rows = nn.Parameter(bias.detach().index_select(0, rows).float()) if bias is not None and train_bias and len(rows) else None
+        self._tag_parameters()
+        self.sync_frozen()
+
+    def _tag_parameters(self) -> None:
+        """Tell each keystone tensor which module and which part (rows / cols / bias) it is.
+
+        The optimizer finds the frozen weight to scatter into through this weak reference. It is set
+        again after deepcopy / unpickling (:meth:`__setstate__`), which copy parameters without it.
+        """
+        for attr, kind in (("weight_rows", "rows"), ("weight_cols", "cols"), ("bias_rows", "bias")):
+            p = getattr(self, attr)
+            if p is not None:
+                p._keystone_owner = weakref.ref(self)
+                p._keystone_kind = kind
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._tag_parameters()
+
+    @property
+    def weight(self) -> Tensor:
+        """The frozen ``[out, in]`` matrix (read-only view for code that inspects ``module.weight``)."""
+        return self.frozen_weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.frozen_bias
+
+    def keystone_parameters(self) -> list[nn.Parameter]:
+        return [p for p in (self.weight_rows, self.weight_cols, self.bias_rows) if p is not None]
+
+    @torch.no_grad()
+    def sync_frozen(self) -> None:
+        """Scatter the fp32 keystone values into the frozen matrix (rounded to nearest even)."""
+        if self.weight_rows is not None:
+            ops.scatter_to_frozen(self.frozen_weight, self.weight_rows.detach(), self.rows, None, backend=self.backend)
+        if self.weight_cols is not None:
+            ops.scatter_to_frozen(self.frozen_weight, self.weight_cols.detach(), self.col_rows, self.cols, backend=self.backend)
+        if self.bias_rows is not None:
+            self.frozen_bias.index_copy_(0, self.rows, self.bias_rows.detach().to(self.frozen_bias.dtype))
+
+    @torch.no_grad()
+    def merged_weight(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor | None]:
+        """``([out, in], [out] or None)`` in ``dtype``: frozen values with the fp32 keystone values written in."""
+        dtype = dtype or self.frozen_weight.dtype
+        weight = self.frozen_weight.to(dtype, copy=True)
+        if self.weight_rows is not None:
+            weight.index_copy_(0, self.rows, self.weight_rows.to(dtype))
+        if self.weight_cols is not None:
+            block = weight.index_select(1, self.cols)
+            target = slice(None) if self.col_rows is None else self.col_rows
+            block[target] = self.weight_cols.to(dtype)
+            weight.index_copy_(1, self.cols, block)
+        bias = None
+        if self.frozen_bias is not None:
+            bias = self.frozen_bias.to(dtype, copy=True)
+            if self.bias_rows is not None:
+                bias.index_copy_(0, self.rows, self.bias_rows.to(dtype))
+        return weight, bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: ``[..., in]`` (fp32 / bf16 / fp16) -> ``[..., out]`` in x's dtype."""
+        return _KeystoneLinearFunction.apply(
+            x, self.weight_rows, self.weight_cols, self.bias_rows, self.frozen_weight, self.frozen_bias,
+            self.rows, self.col_rows, self.cols, self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rows={len(self.rows)}, "
+                f"cols={len(self.cols)}, frozen_dtype={str(self.frozen_weight.dtype).replace('torch.', '')}, "
+                f"backend={self.backend}")

@@ -1,0 +1,171 @@
+"""KeystoneLinear against dense autograd, on every CPU backend, awkward shapes, poisoned memory."""
+
+import pytest
+import torch
+from conftest import make_index, poisoned_allocations, require_backend
+from torch import nn
+
+from keystone_kernels.linear import KeystoneLinear
+
+CPU_BACKENDS = ["reference", "ext", "triton"]
+
+# (leading shape, in, out)
+SHAPES = [((3, 5), 37, 29), ((1, 1), 16, 16), ((7,), 13, 41), ((2, 0, 3), 8, 5)]
+LAYOUTS = [("random", "empty"), ("empty", "random"), ("random", "random"), ("one", "one"), ("explicit_all", "empty"),
+           ("empty", "explicit_all"), ("first_last", "explicit_all")]
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def backend(request):
+    require_backend(request.param, "cpu") if request.param != "reference" else None
+    return request.param
+
+
+def _dense_grads(weight, bias, x, grad_y):
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None).to(weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        if bias is not None:
+            lin.bias.copy_(bias)
+    x = x.detach().clone().requires_grad_(True)
+    y = lin(x)
+    y.backward(grad_y)
+    return y, x.grad, lin.weight.grad, None if bias is None else lin.bias.grad
+
+
+def _rel_err(a, b):
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)) if b.numel() else 0.0
+
+
+@pytest.mark.parametrize("lead, n_in, n_out", SHAPES)
+@pytest.mark.parametrize("row_kind, col_kind", LAYOUTS)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fp32_frozen_matches_dense_autograd(backend, lead, n_in, n_out, row_kind, col_kind, with_bias, rng):
+    weight = torch.randn(n_out, n_in, generator=rng)
+    bias = torch.randn(n_out, generator=rng) if with_bias else None
+    rows = make_index(row_kind, n_out, rng)
+    cols = make_index(col_kind, n_in, rng)
+    x = torch.randn(*lead, n_in, generator=rng)
+    grad_y = torch.randn(*lead, n_out, generator=rng)
+    module = KeystoneLinear(weight, bias, rows, cols, frozen_dtype=torch.float32, backend=backend)
+    frozen_before = module.frozen_weight.clone()
+    xk = x.clone().requires_grad_(True)
+    with poisoned_allocations():
+        y = module(xk)
+        y.backward(grad_y)
+    y_ref, gx_ref, gw_ref, gb_ref = _dense_grads(weight, bias, x, grad_y)
+    assert y.shape == y_ref.shape and y.dtype == torch.float32
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xk.grad, gx_ref, rtol=1e-5, atol=1e-5)
+    if len(rows):
+        assert _rel_err(module.weight_rows.grad, gw_ref[rows]) <= 1e-5
+    else:
+        assert module.weight_rows is None
+    if len(cols):
+        col_rows = module.col_rows if module.col_rows is not None else slice(None)
+        assert _rel_err(module.weight_cols.grad, gw_ref[col_rows][:, cols]) <= 1e-5
+        assert module.weight_cols.shape == (n_out - len(rows), len(cols))
+    if with_bias and len(rows):
+        assert _rel_err(module.bias_rows.grad, gb_ref[rows]) <= 1e-5
+    assert torch.equal(module.frozen_weight, frozen_before)  # forward / backward never write the frozen matrix
+    n_params = sum(p.numel() for p in module.keystone_parameters())
+    assert n_params == len(rows) * n_in + (n_out - len(rows)) * len(cols) + (len(rows) if with_bias else 0)
+
+
+@pytest.mark.parametrize("act_dtype", [torch.float32, torch.bfloat16])
+def test_bf16_frozen_matches_the_bf16_reference(backend, act_dtype, rng):
+    n_out, n_in = 53, 31
+    weight = torch.randn(n_out, n_in, generator=rng)
+    rows, cols = make_index("random", n_out, rng), make_index("random", n_in, rng)
+    module = KeystoneLinear(weight, None, rows, cols, frozen_dtype=torch.bfloat16, backend=backend)
+    assert module.frozen_weight.dtype == torch.bfloat16 and module.weight_rows.dtype == torch.float32
+    # the frozen store holds the RNE rounding of the weights; the masters keep full precision
+    assert torch.equal(module.frozen_weight, weight.to(torch.bfloat16))
+    assert torch.equal(module.weight_rows, weight[rows])
+    x = torch.randn(4, 6, n_in, generator=rng).to(act_dtype)
+    grad_y = torch.randn(4, 6, n_out, generator=rng).to(act_dtype)
+    xk = x.clone().requires_grad_(True)
+    with poisoned_allocations():
+        y = module(xk)
+        y.backward(grad_y)
+    _, gx_ref, gw_ref, _ = _dense_grads(weight.to(torch.bfloat16).to(act_dtype), None, x, grad_y)
+    tol = 1e-5 if act_dtype == torch.float32 else 2e-2
+    assert y.dtype == act_dtype
+    assert _rel_err(xk.grad, gx_ref) <= tol
+    assert _rel_err(module.weight_rows.grad, gw_ref[rows]) <= tol
+    assert _rel_err(module.weight_cols.grad, gw_ref[module.col_rows][:, cols]) <= tol
+
+
+def _saved_bytes(module, x):
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sizes
+
+
+def test_backward_saves_only_what_the_keystone_gradients_need(rng):
+    t, n_in, n_out = 11, 24, 19
+    x = torch.randn(t, n_in, generator=rng)
+    weight = torch.randn(n_out, n_in, generator=rng)
+    rows, cols, empty = torch.tensor([2, 5]), torch.tensor([0, 7, 9]), torch.empty(0, dtype=torch.int64)
+
+    def activations(saved):  # drop the frozen weight and the index vectors
+        return [s for s in saved if len(s) == 2 and s[0] == t]
+
+    assert activations(_saved_bytes(KeystoneLinear(weight, None, rows, empty, torch.float32, "reference"), x)) == [(t, n_in)]
+    assert activations(_saved_bytes(KeystoneLinear(weight, None, empty, cols, torch.float32, "reference"), x)) == [(t, 3)]
+    assert activations(_saved_bytes(KeystoneLinear(weight, None, empty, empty, torch.float32, "reference"), x)) == []
+
+
+def test_conv1d_layout_and_merge(rng):
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(12, 7)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(7, 12, generator=rng))
+        conv.bias.copy_(torch.randn(12, generator=rng))
+    module = KeystoneLinear(conv.weight.t(), conv.bias, torch.tensor([3]), torch.tensor([1, 6]), torch.float32, "reference",
+                            transposed=True)
+    x = torch.randn(2, 5, 7, generator=rng)
+    torch.testing.assert_close(module(x), conv(x))
+    with torch.no_grad():
+        module.weight_rows.add_(1.0)
+        module.weight_cols.mul_(-2.0)
+        module.bias_rows.add_(0.5)
+    module.sync_frozen()
+    weight, bias = module.merged_weight(torch.float32)
+    want = conv.weight.t().clone()
+    want[3] += 1.0
+    keep = torch.ones(12, dtype=torch.bool)
+    keep[3] = False
+    want[keep.nonzero().flatten()[:, None], torch.tensor([1, 6])] *= -2.0
+    torch.testing.assert_close(weight, want, rtol=0, atol=0)
+    assert torch.equal(module.frozen_weight, want) and bias[3] == conv.bias[3] + 0.5
+
+
+def test_compiled_keystone_linear_matches_eager(rng):
+    """torch.compile with fullgraph=True: no graph break inside the keystone ops (ext and reference)."""
+    for backend in ("reference", "ext"):
+        weight = torch.randn(23, 17, generator=rng)
+        module = KeystoneLinear(weight, None, torch.tensor([1, 4, 22]), torch.tensor([0, 16]), torch.float32, backend)
+        x = torch.randn(3, 5, 17, generator=rng)
+
+        def step(m, inp):
+            out = m(inp)
+            out.square().sum().backward()
+            return out
+
+        eager_y = step(module, x)
+        eager_grads = [p.grad.clone() for p in module.keystone_parameters()]
+        module.zero_grad(set_to_none=True)
+        compiled = torch.compile(lambda inp: module(inp), fullgraph=True, backend="aot_eager")
+        y = compiled(x)
+        y.square().sum().backward()
+        torch.testing.assert_close(y, eager_y)
+        for p, g in zip(module.keystone_parameters(), eager_grads):
+            torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
