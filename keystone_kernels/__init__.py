@@ -15,6 +15,7 @@ from .discovery import Discovery, default_prompts, find_keystone, select_top
 from .mask import KeystoneMask
 from .linear import KeystoneLinear
 from .models import load_default_model, load_model
+from .optim import KeystoneAdamW
 from .patching import keystone_parameters, merge, patch, sync_frozen
 from .verify import (
     ablate,
@@ -33,6 +34,7 @@ __all__ = [
     "PAPER_TYPES",
     "RESIDUAL_TYPES",
     "Discovery",
+    "KeystoneAdamW",
     "KeystoneLinear",
     "KeystoneMask",
     "ablate",

@@ -1,0 +1,228 @@
+"""KeystoneAdamW against torch.optim.AdamW, scatter into the frozen weights, resume, clipping, NaN handling."""
+
+import copy
+
+import pytest
+import torch
+from conftest import bits, require_backend
+from tiny import tiny_model
+
+from keystone_kernels import KeystoneAdamW, KeystoneLinear, keystone_parameters, load_adapter, patch, save_adapter
+from keystone_kernels.mask import KeystoneMask
+
+
+@pytest.fixture(params=["reference", "ext", "triton"])
+def backend(request):
+    if request.param != "reference":
+        require_backend(request.param, "cpu")
+    return request.param
+
+
+# (out, in, rows, cols, bias): prime sizes, empty rows / columns, one row, all rows
+LAYERS = [
+    (31, 17, [0, 5, 30], [2, 3, 16], True),
+    (13, 29, [], [0, 28], False),
+    (7, 11, [4], [], True),
+    (5, 3, [0, 1, 2, 3, 4], [], False),
+]
+
+
+def _modules(frozen_dtype, gen):
+    out = []
+    for n_out, n_in, rows, cols, with_bias in LAYERS:
+        w = torch.randn(n_out, n_in, generator=gen)
+        b = torch.randn(n_out, generator=gen) if with_bias else None
+        out.append(KeystoneLinear(w, b, torch.tensor(rows, dtype=torch.int64), torch.tensor(cols, dtype=torch.int64),
+                                  frozen_dtype, "reference"))
+    return out
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) if b.numel() else 0.0
+
+
+def _owned_mask(m):
+    owned = torch.zeros(m.out_features, m.in_features, dtype=torch.bool)
+    owned[m.rows] = True
+    if len(m.cols):
+        rows = m.col_rows if m.col_rows is not None else torch.arange(m.out_features)
+        owned[rows[:, None], m.cols[None, :]] = True
+    return owned
+
+
+@pytest.mark.parametrize("frozen_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_twenty_steps_match_torch_adamw(backend, frozen_dtype, amsgrad, maximize):
+    gen = torch.Generator().manual_seed(7)
+    mods = _modules(frozen_dtype, gen)
+    before = [m.frozen_weight.clone() for m in mods]
+    params = [p for m in mods for p in m.keystone_parameters()]
+    twins = [p.detach().clone().requires_grad_(True) for p in params]
+    # several groups: own lr, weight decay on / off
+    split = [params[:2], params[2:4], params[4:]]
+    tsplit = [twins[:2], twins[2:4], twins[4:]]
+    settings = [dict(lr=3e-3, weight_decay=0.1), dict(lr=1e-2, weight_decay=0.0), dict(lr=5e-4)]
+    kw = dict(betas=(0.85, 0.99), eps=1e-7, amsgrad=amsgrad, maximize=maximize)
+    opt = KeystoneAdamW([dict(params=g, **s) for g, s in zip(split, settings)], backend=backend, **kw)
+    ref = torch.optim.AdamW([dict(params=g, **s) for g, s in zip(tsplit, settings)], foreach=False, **kw)
+    for _ in range(20):
+        for p, t in zip(params, twins):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad, t.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    for p, t in zip(params, twins):
+        assert _rel(p.detach(), t.detach()) <= 1e-6
+    for m, w0 in zip(mods, before):
+        owned = _owned_mask(m)
+        merged, _ = m.merged_weight(torch.float32)
+        # scattered values are the round-to-nearest-even cast of the fp32 master, bit for bit
+        assert torch.equal(bits(m.frozen_weight[owned]), bits(merged[owned].to(frozen_dtype)))
+        assert torch.equal(bits(m.frozen_weight[~owned]), bits(w0[~owned]))
+        if m.bias_rows is not None:
+            assert torch.equal(m.frozen_bias[m.rows], m.bias_rows.detach().to(frozen_dtype))
+    assert all(int(s["step"]) == 20 for s in opt.state.values())
+
+
+def test_empty_group_and_params_without_grad_are_fine(backend):
+    gen = torch.Generator().manual_seed(1)
+    mods = _modules(torch.bfloat16, gen)
+    params = [p for m in mods for p in m.keystone_parameters()]
+    opt = KeystoneAdamW([dict(params=params[:1]), dict(params=params[1:])], backend=backend)
+    params[0].grad = torch.randn(params[0].shape, generator=gen)
+    snapshot = [p.detach().clone() for p in params]
+    opt.step()
+    assert not torch.equal(params[0], snapshot[0])
+    assert all(torch.equal(p, s) for p, s in zip(params[1:], snapshot[1:]))
+    assert len(opt.state) == 1
+
+
+def test_clipping_matches_clip_grad_norm_then_adamw():
+    gen = torch.Generator().manual_seed(3)
+    mods = _modules(torch.float32, gen)
+    params = [p for m in mods for p in m.keystone_parameters()]
+    twins = [p.detach().clone().requires_grad_(True) for p in params]
+    opt = KeystoneAdamW(params, lr=1e-2, max_grad_norm=0.5, backend="reference")
+    ref = torch.optim.AdamW(twins, lr=1e-2, foreach=False)
+    for _ in range(5):
+        for p, t in zip(params, twins):
+            g = torch.randn(p.shape, generator=gen) * 3
+            p.grad, t.grad = g.clone(), g.clone()
+        want_norm = torch.nn.utils.clip_grad_norm_(twins, 0.5)
+        opt.step()
+        ref.step()
+        assert opt.last_grad_norm == pytest.approx(float(want_norm), rel=1e-6)
+    for p, t in zip(params, twins):
+        assert _rel(p.detach(), t.detach()) <= 1e-6
+
+
+@pytest.mark.parametrize("mode", ["raise", "skip"])
+def test_nonfinite_gradients_leave_everything_untouched(mode, backend):
+    gen = torch.Generator().manual_seed(4)
+    mods = _modules(torch.bfloat16, gen)
+    params = [p for m in mods for p in m.keystone_parameters()]
+    opt = KeystoneAdamW(params, lr=1e-2, nonfinite=mode, backend=backend)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    snap = ([p.detach().clone() for p in params], [m.frozen_weight.clone() for m in mods], copy.deepcopy(opt.state_dict()))
+    params[1].grad[0, 0] = float("nan")
+    params[3].grad[-1, -1] = float("inf")
+    if mode == "raise":
+        with pytest.raises(ValueError, match="non-finite gradient .* the step was not taken"):
+            opt.step()
+    else:
+        opt.step()
+        assert opt.skipped_steps == 1
+    assert all(torch.equal(p, s) for p, s in zip(params, snap[0]))
+    assert all(torch.equal(m.frozen_weight, w) for m, w in zip(mods, snap[1]))
+    state = opt.state_dict()["state"]
+    for k, v in snap[2]["state"].items():
+        assert all(torch.equal(v[name], state[k][name]) for name in v)
+
+
+def test_scheduler_zero_grad_and_plain_parameters():
+    gen = torch.Generator().manual_seed(5)
+    mods = _modules(torch.float32, gen)
+    norm = torch.nn.Parameter(torch.randn(9, generator=gen))  # e.g. a norm weight a user also trains
+    twin = norm.detach().clone().requires_grad_(True)
+    opt = KeystoneAdamW([dict(params=mods[0].keystone_parameters()), dict(params=[norm], weight_decay=0.0)], lr=0.1,
+                        backend="reference")
+    ref = torch.optim.AdamW([twin], lr=0.1, weight_decay=0.0, foreach=False)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    ref_sched = torch.optim.lr_scheduler.LambdaLR(ref, lambda s: 1.0 / (1 + s))
+    for _ in range(4):
+        g = torch.randn(9, generator=gen)
+        norm.grad, twin.grad = g.clone(), g.clone()
+        for p in mods[0].keystone_parameters():
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+        ref.step()
+        sched.step()
+        ref_sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 / 5)
+    assert _rel(norm.detach(), twin.detach()) <= 1e-6
+    opt.zero_grad(set_to_none=True)
+    assert norm.grad is None and all(p.grad is None for p in mods[0].keystone_parameters())
+
+
+def _train(model, opt, batches):
+    for ids in batches:
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+
+
+def test_checkpoint_and_resume_is_bit_exact(tmp_path, backend):
+    base = tiny_model("llama")
+    mask = KeystoneMask({("attn_q", 0, None): [1, 7], ("attn_o", 1, None): [3], ("fwd_up", 1, None): [0, 70], ("fwd_down", 0, None): [5]})
+    gen = torch.Generator().manual_seed(9)
+    batches = [torch.randint(3, 250, (2, 9), generator=gen) for _ in range(20)]
+
+    straight = patch(copy.deepcopy(base), mask, backend=backend)
+    opt = KeystoneAdamW(keystone_parameters(straight), lr=1e-2, max_grad_norm=1.0, backend=backend)
+    _train(straight, opt, batches)
+
+    first = patch(copy.deepcopy(base), mask, backend=backend)
+    opt1 = KeystoneAdamW(keystone_parameters(first), lr=1e-2, max_grad_norm=1.0, backend=backend)
+    _train(first, opt1, batches[:10])
+    save_adapter(first, tmp_path / "adapter.safetensors")
+    torch.save(opt1.state_dict(), tmp_path / "optimizer.pt")
+    del first, opt1
+
+    resumed = load_adapter(copy.deepcopy(base), tmp_path / "adapter.safetensors", backend=backend)
+    opt2 = KeystoneAdamW(keystone_parameters(resumed), lr=1e-2, max_grad_norm=1.0, backend=backend)
+    opt2.load_state_dict(torch.load(tmp_path / "optimizer.pt"))
+    _train(resumed, opt2, batches[10:])
+    for a, b in zip(keystone_parameters(resumed), keystone_parameters(straight)):
+        assert torch.equal(a, b)
+    for (name, a), b in zip(resumed.named_buffers(), straight.buffers()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(lr=-1.0), "invalid learning rate"),
+        (dict(betas=(0.9, 1.0)), "invalid betas"),
+        (dict(eps=-1e-8), "invalid eps"),
+        (dict(weight_decay=-0.1), "invalid weight_decay"),
+        (dict(max_grad_norm=0.0), "invalid max_grad_norm"),
+        (dict(nonfinite="ignore"), "nonfinite must be one of"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    p = torch.nn.Parameter(torch.randn(3, 3))
+    with pytest.raises(ValueError, match=message):
+        KeystoneAdamW([p], **kwargs)
+
+
+def test_non_fp32_parameters_and_sparse_grads_are_refused():
+    with pytest.raises(ValueError, match="fp32 master tensors; got a torch.bfloat16"):
+        KeystoneAdamW([torch.nn.Parameter(torch.randn(3, 3).bfloat16())])
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = KeystoneAdamW([p])
+    p.grad = torch.randn(4, 3).to_sparse()
+    with pytest.raises(ValueError, match="sparse gradients"):
+        opt.step()
