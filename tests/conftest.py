@@ -114,3 +114,12 @@ def complement(idx: torch.Tensor, bound: int) -> torch.Tensor | None:
     keep = torch.ones(bound, dtype=torch.bool)
     keep[idx] = False
     return keep.nonzero().flatten()
+
+
+@pytest.fixture(params=[pytest.param(("reference", "cpu"), id="reference-cpu")] + KERNEL_BACKENDS)
+def any_backend(request) -> tuple[str, str]:
+    """(backend, device) for model-level tests: the reference on the CPU too, then every kernel backend."""
+    name, device = request.param
+    if name != "reference":
+        require_backend(name, device)
+    return name, device
