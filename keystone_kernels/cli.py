@@ -1,6 +1,7 @@
 """Command line: ``keystone-kernels <command>`` (also ``python -m keystone_kernels``).
 
-Commands: ``find`` (discover and write a mask), ``verify`` (collapse vs random table).
+Commands: ``find`` (discover and write a mask), ``verify`` (collapse vs random table), ``bench``
+(speed and memory against dense AdamW).
 """
 
 from __future__ import annotations
@@ -118,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="number of random masks (default 3)")
     p.add_argument("--factor", type=float, default=0.0, help="scale factor for the masked weights (default 0: ablate)")
     p.set_defaults(func=cmd_verify)
+
+    from .bench import add_bench_command
+
+    add_bench_command(sub)
     return parser
 
 
