@@ -109,11 +109,19 @@ _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def answer_matches(generated: str, answer: str) -> bool:
-    """Numeric answers: the first number generated equals it. Others: the normalised generation starts with it."""
+    """Numeric answers: the number after "answer is", else the last number of the first line, equals it.
+    Other answers: the normalised generation starts with the normalised answer.
+
+    The last number is what a worked answer ends with ("23 + 45 = 68").
+    """
     answer = str(answer).strip()
     if _NUMBER.fullmatch(answer.replace(",", "")):
-        found = _NUMBER.search(generated.replace(",", ""))
-        return found is not None and float(found.group()) == float(answer.replace(",", ""))
+        text = generated.replace(",", "")
+        stated = re.search(r"answer is\s*(-?\d+(?:\.\d+)?)", text, re.IGNORECASE)
+        lines = [line for line in text.strip().splitlines() if line.strip()]
+        numbers = _NUMBER.findall(lines[0]) if lines else []
+        found = stated.group(1) if stated else (numbers[-1] if numbers else None)
+        return found is not None and float(found) == float(answer.replace(",", ""))
     return _normalize(generated).startswith(_normalize(answer))
 
 

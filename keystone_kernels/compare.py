@@ -1,0 +1,139 @@
+"""Fair comparisons: keystone vs random vs full fine-tuning, and the end-to-end demo.
+
+``sweep`` trains every (mode, learning rate) from the same base with the same budget and evaluates
+target accuracy and preservation (perplexity on held-out English, QA accuracy) after each run. The
+paper's claim is about the trade-off, so the summary compares modes at matched target accuracy
+rather than at one learning rate.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from torch import nn
+
+from . import sft
+from ._io import atomic_write_text
+from .verify import format_table
+
+
+@dataclass
+class RunRecord:
+    mode: str
+    lr: float
+    accuracy: float
+    perplexity: float
+    qa_accuracy: float
+    trainable_parameters: int
+    optimizer_state_bytes: int
+    median_step_seconds: float
+    losses: list[float]
+
+
+def run_one(base: nn.Module, tokenizer, mask, dataset, items, mode: str, lr: float | None, steps: int, batch_size: int,
+            seed: int = 0, backend: str | None = "auto", progress: bool = True) -> RunRecord:
+    """Train a fresh copy of ``base`` and evaluate it; ``base`` itself is left unchanged."""
+    model = copy.deepcopy(base)
+    config = sft.SFTConfig(mode=mode, steps=steps, lr=lr, batch_size=batch_size, seed=seed, backend=backend, save_every=0)
+    result = sft.train(model, tokenizer, mask, dataset, config, progress=progress)
+    metrics = sft.evaluate(model, tokenizer, items)
+    return RunRecord(mode, config.learning_rate, metrics["accuracy"], metrics["perplexity"], metrics["qa_accuracy"],
+                     result.trainable_parameters, result.optimizer_state_bytes, result.median_step_seconds, result.losses)
+
+
+def summary(base_metrics: dict, runs: list[RunRecord]) -> list[dict]:
+    """Per mode: best target accuracy, and preservation at the accuracy every mode reached (matched)."""
+    modes = list(dict.fromkeys(r.mode for r in runs))
+    matched = min(max(r.accuracy for r in runs if r.mode == m) for m in modes)
+    rows = []
+    for m in modes:
+        mine = [r for r in runs if r.mode == m]
+        best = max(mine, key=lambda r: (r.accuracy, -r.perplexity))
+        at_match = min((r for r in mine if r.accuracy >= matched), key=lambda r: r.perplexity)
+        rows.append({"mode": m, "best_accuracy": best.accuracy, "best_lr": best.lr,
+                     "matched_accuracy": matched, "ppl_ratio_at_matched": at_match.perplexity / base_metrics["perplexity"],
+                     "qa_at_matched": at_match.qa_accuracy, "lr_at_matched": at_match.lr})
+    return rows
+
+
+def runs_table(base_metrics: dict, runs: list[RunRecord]) -> str:
+    rows = [("base", "-", base_metrics["accuracy"], base_metrics["perplexity"], 1.0, base_metrics["qa_accuracy"], 0, "-")]
+    rows += [(r.mode, f"{r.lr:g}", r.accuracy, r.perplexity, r.perplexity / base_metrics["perplexity"], r.qa_accuracy,
+              r.trainable_parameters, f"{r.median_step_seconds:.2f}") for r in runs]
+    return format_table(["mode", "lr", "target acc", "ppl", "ppl x base", "QA acc", "trainable", "s/step"], rows)
+
+
+def summary_table(rows: list[dict]) -> str:
+    return format_table(["mode", "best acc", "at lr", "matched acc", "ppl x base at matched", "QA at matched"],
+                        [(r["mode"], r["best_accuracy"], f"{r['best_lr']:g}", r["matched_accuracy"], r["ppl_ratio_at_matched"],
+                          r["qa_at_matched"]) for r in rows])
+
+
+def plot_tradeoff(base_metrics: dict, runs: list[RunRecord], path: str | Path) -> None:
+    """Target accuracy against perplexity ratio, one point per run (matplotlib, PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for mode, marker in (("keystone", "o"), ("random", "s"), ("full", "^")):
+        pts = [r for r in runs if r.mode == mode]
+        if pts:
+            ax.scatter([r.perplexity / base_metrics["perplexity"] for r in pts], [r.accuracy for r in pts], marker=marker, label=mode, s=50)
+            for r in pts:
+                ax.annotate(f"{r.lr:g}", (r.perplexity / base_metrics["perplexity"], r.accuracy), fontsize=7,
+                            xytext=(4, 3), textcoords="offset points")
+    ax.axhline(base_metrics["accuracy"], color="grey", lw=0.8, ls="--", label="base accuracy")
+    ax.set_xlabel("perplexity on held-out English / base (lower keeps more)")
+    ax.set_ylabel("target accuracy (exact match)")
+    ax.set_title("fine-tuning trade-off, one point per (mode, lr)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_losses(curves: dict[str, list[float]], path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, losses in curves.items():
+        ax.plot(range(1, len(losses) + 1), losses, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (response tokens)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def sweep(base: nn.Module, tokenizer, mask, dataset, items, grid: dict[str, list[float]], steps: int, batch_size: int,
+          output_dir: str | Path, seed: int = 0, progress: bool = True) -> dict:
+    """Run every (mode, lr) of ``grid``; write ``compare.json``, ``compare.md`` and ``tradeoff.png``."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    base_metrics = sft.evaluate(base, tokenizer, items)
+    runs = []
+    for mode, lrs in grid.items():
+        for lr in lrs:
+            runs.append(run_one(base, tokenizer, mask, dataset, items, mode, lr, steps, batch_size, seed, progress=progress))
+            report = {"base": base_metrics, "runs": [asdict(r) for r in runs], "steps": steps, "batch_size": batch_size,
+                      "seconds": time.time() - t0}
+            atomic_write_text(out / "compare.json", json.dumps(report, indent=1))  # after every run: partial results survive
+    report["summary"] = summary(base_metrics, runs)
+    atomic_write_text(out / "compare.json", json.dumps(report, indent=1))
+    text = runs_table(base_metrics, runs) + "\n\n" + summary_table(report["summary"])
+    atomic_write_text(out / "compare.md", text + "\n")
+    plot_tradeoff(base_metrics, runs, out / "tradeoff.png")
+    report["text"] = text
+    return report

@@ -1,0 +1,279 @@
+"""Supervised fine-tuning: keystone-only, a random mask of the same layout, or dense full fine-tuning.
+
+``train(model, tokenizer, mask, dataset, config, output_dir)`` patches the model (modes
+``keystone`` / ``random``) and trains with :class:`KeystoneAdamW`, or trains every parameter with
+``torch.optim.AdamW`` (mode ``full``), under a warm-up + cosine schedule with gradient clipping.
+Batches are a pure function of (seed, step), so a run resumed from a checkpoint takes the same
+batches and ends with the same adapter as an uninterrupted one.
+
+Checkpoints (``OUTPUT/checkpoint``, replaced atomically): ``adapter.safetensors`` (or
+``model.safetensors`` in full mode), ``optimizer.pt``, ``scheduler.pt``, ``state.json``.
+Final outputs: ``OUTPUT/keystone_adapter.safetensors`` (keystone / random modes), ``OUTPUT/merged``
+when asked, ``OUTPUT/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import sft_data
+from ._io import atomic_dir, atomic_write_text
+from .adapter import load_adapter, save_adapter
+from .mask import KeystoneMask
+from .optim import KeystoneAdamW
+from .patching import keystone_parameters, merge, patch
+
+MODES = ("keystone", "random", "full")
+# From the learning-rate sweep in README.md (SmolLM2-135M, 2-digit addition, 150 steps x 8).
+DEFAULT_LR = {"keystone": 1e-3, "random": 1e-3, "full": 2e-5}
+
+
+@dataclass
+class SFTConfig:
+    """Training settings. ``lr=None`` takes :data:`DEFAULT_LR` of the mode."""
+
+    mode: str = "keystone"
+    steps: int = 150
+    lr: float | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    eval_every: int = 50
+    save_every: int = 50
+    seed: int = 0
+    frozen_dtype: str = "bfloat16"
+    backend: str | None = "auto"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        for name in ("steps", "batch_size", "grad_accum"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.frozen_dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"frozen_dtype must be bfloat16, float16 or float32, got {self.frozen_dtype!r}")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.mode]
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)  # per optimizer step
+    step_seconds: list[float] = field(default_factory=list)
+    eval_losses: dict[int, float] = field(default_factory=dict)
+    tokens: int = 0
+    trainable_parameters: int = 0
+    optimizer_state_bytes: int = 0
+    resumed_from: int = 0
+
+    @property
+    def median_step_seconds(self) -> float:
+        s = sorted(self.step_seconds)
+        return s[len(s) // 2] if s else float("nan")
+
+
+def batch_indices(n: int, batch_size: int, seed: int, index: int) -> list[int]:
+    """Example indices of micro-batch ``index``: epochs are seeded permutations, walked in order."""
+    per_epoch = max(1, n // batch_size)
+    epoch, pos = divmod(index, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return perm[pos * batch_size : (pos + 1) * batch_size].tolist()
+
+
+def _schedule(optimizer, config: SFTConfig):
+    from transformers import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * config.steps), config.steps)
+
+
+def _state_bytes(optimizer) -> int:
+    return sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+
+
+def prepare(model: nn.Module, mask: KeystoneMask | None, config: SFTConfig):
+    """Patch (keystone / random) or unfreeze (full) ``model``; returns (optimizer, scheduler, mask used)."""
+    lr = config.learning_rate
+    if config.mode == "full":
+        model.requires_grad_(True)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay, foreach=True)
+        return optimizer, _schedule(optimizer, config), None
+    if mask is None:
+        raise ValueError(f"mode {config.mode!r} needs a mask (find_keystone(...).mask or --top-fraction)")
+    if config.mode == "random":
+        mask = mask.random_like(config.seed, model)
+    patch(model, mask, frozen_dtype=getattr(torch, config.frozen_dtype), backend=config.backend)
+    optimizer = KeystoneAdamW(keystone_parameters(model), lr=lr, weight_decay=config.weight_decay,
+                              max_grad_norm=config.max_grad_norm, backend=config.backend)
+    return optimizer, _schedule(optimizer, config), mask
+
+
+def _save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, result: TrainResult, config: SFTConfig) -> None:
+    with atomic_dir(folder) as tmp:
+        tmp = Path(tmp)
+        if config.mode == "full":
+            from safetensors.torch import save_model
+
+            save_model(model, str(tmp / "model.safetensors"))
+        else:
+            save_adapter(model, tmp / "adapter.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        state = {"step": step, "losses": result.losses, "tokens": result.tokens, "config": asdict(config)}
+        (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
+
+
+def _load_checkpoint(folder: Path, model, config: SFTConfig, mask):
+    """Restore a checkpoint into the *unpatched* ``model``; returns (optimizer, scheduler, step, losses, tokens)."""
+    state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    if state["config"]["mode"] != config.mode:
+        raise ValueError(f"{folder} is a {state['config']['mode']!r} checkpoint, this run is {config.mode!r}")
+    if config.mode == "full":
+        from safetensors.torch import load_model
+
+        load_model(model, str(folder / "model.safetensors"))
+        optimizer, scheduler, _ = prepare(model, None, config)
+    else:
+        load_adapter(model, folder / "adapter.safetensors", frozen_dtype=getattr(torch, config.frozen_dtype), backend=config.backend)
+        optimizer = KeystoneAdamW(keystone_parameters(model), lr=config.learning_rate, weight_decay=config.weight_decay,
+                                  max_grad_norm=config.max_grad_norm, backend=config.backend)
+        scheduler = _schedule(optimizer, config)
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    return optimizer, scheduler, int(state["step"]), state["losses"], int(state["tokens"])
+
+
+@torch.no_grad()
+def eval_loss(model: nn.Module, dataset: sft_data.SFTDataset, pad_id: int, batch_size: int = 16) -> float:
+    """Mean loss per response token over ``dataset``."""
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(dataset), batch_size):
+        batch = sft_data.collate([dataset[i] for i in range(start, min(len(dataset), start + batch_size))], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        n = int((batch["labels"][:, 1:] != sft_data.IGNORE).sum())
+        total += float(model(**batch).loss.detach()) * n
+        count += n
+    model.train(was)
+    return total / max(1, count)
+
+
+def train(
+    model: nn.Module,
+    tokenizer,
+    mask: KeystoneMask | None,
+    dataset: sft_data.SFTDataset,
+    config: SFTConfig | None = None,
+    output_dir: str | os.PathLike | None = None,
+    eval_dataset: sft_data.SFTDataset | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Fine-tune ``model`` in place (see module docstring); returns losses, timings and sizes."""
+    from tqdm.auto import tqdm
+
+    config = config or SFTConfig()
+    out = Path(output_dir) if output_dir is not None else None
+    ckpt = out / "checkpoint" if out is not None else None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    result = TrainResult()
+    start_step = 0
+    if resume and ckpt is not None and (ckpt / "state.json").is_file():
+        optimizer, scheduler, start_step, result.losses, result.tokens = _load_checkpoint(ckpt, model, config, mask)
+        result.resumed_from = start_step
+    else:
+        if resume:
+            raise FileNotFoundError(f"--resume: no checkpoint under {ckpt}")
+        optimizer, scheduler, mask = prepare(model, mask, config)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    result.trainable_parameters = sum(p.numel() for p in params)
+    model.train()
+    bar = tqdm(total=config.steps, initial=start_step, desc=f"sft[{config.mode}]", unit="step", disable=not progress)
+    for step in range(start_step, config.steps):
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        step_loss, step_tokens = 0.0, 0
+        for micro in range(config.grad_accum):
+            idx = batch_indices(len(dataset), config.batch_size, config.seed, step * config.grad_accum + micro)
+            batch = {k: v.to(device) for k, v in sft_data.collate([dataset[i] for i in idx], pad_id).items()}
+            loss = model(**batch).loss / config.grad_accum
+            loss.backward()
+            step_loss += float(loss.detach())
+            step_tokens += int(batch["attention_mask"].sum())
+        if config.mode == "full" and config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        dt = time.perf_counter() - t0
+        result.losses.append(step_loss)
+        result.step_seconds.append(dt)
+        result.tokens += step_tokens
+        bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{step_tokens / dt:.0f}")
+        bar.update()
+        if on_step is not None:
+            on_step(step + 1, step_loss)
+        done = step + 1
+        if eval_dataset is not None and config.eval_every and done % config.eval_every == 0:
+            result.eval_losses[done] = eval_loss(model, eval_dataset, pad_id)
+            bar.write(f"step {done}: eval loss {result.eval_losses[done]:.4f}")
+        if ckpt is not None and config.save_every and done % config.save_every == 0 and done < config.steps:
+            _save_checkpoint(ckpt, model, optimizer, scheduler, done, result, config)
+    bar.close()
+    result.optimizer_state_bytes = _state_bytes(optimizer)
+    if out is not None and config.mode != "full":
+        save_adapter(model, out / "keystone_adapter.safetensors")
+    return result
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+def evaluate(model: nn.Module, tokenizer, eval_items: list[dict], texts: list[str] | None = None,
+             qa: list[dict] | None = None, max_new_tokens: int = 24) -> dict[str, float]:
+    """Target accuracy (greedy exact match), preservation: perplexity on ``texts`` and QA accuracy."""
+    from .tasks import qa_items
+    from .verify import default_texts, evaluate_perplexity, score_exact_match
+
+    was = model.training
+    model.eval()
+    try:
+        return {
+            "accuracy": score_exact_match(model, tokenizer, eval_items, max_new_tokens=max_new_tokens, batch_size=25),
+            "perplexity": evaluate_perplexity(model, tokenizer, texts or default_texts()),
+            "qa_accuracy": score_exact_match(model, tokenizer, qa or qa_items(), max_new_tokens=8, batch_size=20),
+        }
+    finally:
+        model.train(was)
+
+
+def write_metrics(path: str | os.PathLike, metrics: dict) -> None:
+    atomic_write_text(path, json.dumps(metrics, indent=1, default=lambda o: o if not isinstance(o, float) or math.isfinite(o) else str(o)))
+
+
+def finish(model: nn.Module, output_dir: str | os.PathLike, merged: bool, dtype: torch.dtype | None = None) -> None:
+    """Optionally write the merged plain model (``OUTPUT/merged``, atomic)."""
+    if not merged:
+        return
+    if getattr(model, "_keystone", None) is not None:
+        merge(model, dtype)
+    with atomic_dir(Path(output_dir) / "merged") as tmp:
+        model.save_pretrained(tmp)
