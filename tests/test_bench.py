@@ -1,0 +1,158 @@
+"""The benchmark's cost models against hand-computed values, and a smoke run of its parts on a tiny shape.
+
+No timing is asserted anywhere: the speed numbers live in bench/README.md, measured by
+``keystone-kernels bench``.
+"""
+
+import json
+
+import pytest
+import torch
+
+from keystone_kernels import bench
+from keystone_kernels.bench import (
+    SHAPES,
+    OptimizerCase,
+    Shape,
+    dense_adamw_bytes,
+    keystone_step_bytes,
+    keystone_tensor_layout,
+    train_step_flops,
+    wgrad_flops,
+)
+
+# hidden 8, intermediate 16, 2 layers, 2 heads of 4, 1 kv head, vocab 32, tied embeddings
+TINY = Shape("tiny", "llama", 8, 16, 2, 2, 1, 32, True)
+
+
+def test_shape_parameter_counts_match_the_published_models():
+    smol = SHAPES["smollm2-135m"]
+    # per layer: q, o 576x576; k, v 192x576; gate, up, down 1536x576 -> 3,538,944; 30 layers
+    assert smol.projection_params_per_layer == 2 * 576 * 576 + 2 * 192 * 576 + 3 * 1536 * 576 == 3_538_944
+    assert smol.projection_params == 106_168_320
+    # + embeddings 49152 x 576 (tied) + 61 RMSNorms of 576
+    assert smol.total_params == 134_515_008
+    assert SHAPES["llama-3.2-1b"].total_params == 1_235_814_400
+    assert SHAPES["llama-3.1-8b"].total_params == 8_030_261_248
+    # Qwen3: head_dim 128 != hidden / heads = 64: q is 2048 x 1024, o is 1024 x 2048
+    qwen = SHAPES["qwen3-0.6b"]
+    assert dict((n, (o, i)) for n, o, i in qwen.projections())["q_proj"] == (2048, 1024)
+    assert qwen.total_params == 596_049_920
+
+
+def test_shape_builds_the_model_it_describes():
+    model = bench.build_model(SHAPES["smollm2-135m"])  # meta device: no memory
+    assert sum(p.numel() for p in model.parameters()) == SHAPES["smollm2-135m"].total_params
+    qwen = bench.build_model(SHAPES["qwen3-0.6b"], layers=1)
+    assert qwen.model.layers[0].self_attn.q_proj.weight.shape == (2048, 1024)
+
+
+def test_keystone_tensor_layout():
+    # [10, 6] weight, rows {a, b}, 3 columns: a [2, 6] row tensor addressed by 2 row indices, and the
+    # [8, 3] column tensor of the 8 other rows addressed by 8 row and 3 column indices
+    assert keystone_tensor_layout(10, 6, 2, 3) == [(2, 6, 2, None), (8, 3, 8, 3)]
+    assert keystone_tensor_layout(10, 6, 0, 3) == [(10, 3, None, 3)]  # columns only: all rows, no row index
+    assert keystone_tensor_layout(10, 6, 2, 0) == [(2, 6, 2, None)]
+    assert keystone_tensor_layout(10, 6, 0, 0) == []
+
+
+def test_keystone_step_bytes_by_hand():
+    layout = [(2, 6, 2, None), (8, 3, 8, 3)]  # 12 + 24 = 36 elements, 2 + 11 = 13 indices
+    # per element: read g, m, v, p (16) + write m, v, p (12) + bf16 scatter (2) + norm pass (4) = 34
+    assert keystone_step_bytes(layout) == 36 * 34 + 13 * 8 == 1328
+    assert keystone_step_bytes(layout, grad_norm_pass=False) == 36 * 30 + 104 == 1184
+    assert keystone_step_bytes(layout, frozen_bytes=4) == 36 * 36 + 104 == 1400
+    assert keystone_step_bytes([]) == 0
+
+
+def test_dense_adamw_bytes_by_hand():
+    assert dense_adamw_bytes(1000) == 28_000  # read p, g, m, v; write p, m, v
+    assert dense_adamw_bytes(1000, masked=True) == 37_000  # + read g and a bool mask, write g
+    assert dense_adamw_bytes(1000, masked=True, mask_bytes=4) == 40_000
+    # the ideal ratio at SmolLM2-135M, 0.1% of neurons in rows of q: 3.9 GB against a few MB
+    assert dense_adamw_bytes(SHAPES["smollm2-135m"].projection_params, masked=True) == 3_928_227_840
+
+
+def test_wgrad_flops_by_hand():
+    assert wgrad_flops(5, 7, 3) == 2 * 5 * 7 * 3 == 210  # dense dY^T X
+    # rows {r1, r2}: 2 x 3 entries; column c of the 5 other rows: 5 entries; 2 FLOPs per entry and token
+    assert wgrad_flops(5, 7, 3, n_rows=2, n_cols=1) == 2 * 5 * (2 * 3 + 5 * 1) == 110
+    assert wgrad_flops(5, 7, 3, n_rows=0, n_cols=0) == 0
+
+
+def test_train_step_flops_by_hand():
+    # TINY: per layer q 64 + k 32 + v 32 + o 64 + gate 128 + up 128 + down 128 = 576; P = 1152
+    assert TINY.projection_params == 1152
+    # T = 2 x 3 = 6 tokens, V = 32 x 8 = 256, attention 2 layers x 4 x 2 x 3^2 x (2 x 4) = 1152
+    dense = train_step_flops(TINY, batch=2, seq=3)
+    assert dense == {"forward": 2 * 6 * 1408 + 1152, "input_grad": 2 * 6 * 1408 + 2 * 1152,
+                     "weight_grad": 2 * 6 * 1408, "total": 18048 + 19200 + 16896}
+    assert dense["total"] == 54144
+    keystone = train_step_flops(TINY, batch=2, seq=3, keystone_params=100)
+    assert keystone["weight_grad"] == 2 * 6 * 100
+    assert keystone["total"] == 18048 + 19200 + 1200 == 38448
+
+
+def test_synthetic_masks_hold_the_fraction():
+    model = bench.build_model(SHAPES["smollm2-135m"])
+    mask = bench.synthetic_mask(model, 1e-3)
+    assert mask.metadata["total_neurons"] == 30 * (3 * 576 + 576 + 1536 + 1536) == 161_280  # q, k, v, o query space
+    assert mask.num_neurons == 161  # round(161.28)
+    assert bench.synthetic_mask(model, 1e-4).num_neurons == 16
+    assert bench.synthetic_mask(model, 1e-3, seed=1).neurons != mask.neurons
+    # one layer: max(1, round(f x size)) per type; q, k, v, o spaces hold 576, up / down 1536
+    assert bench.layer_mask(model, 1e-3).num_neurons == 4 * 1 + 2 * 2  # round(0.576) = 1, round(1.536) = 2
+    assert bench.layer_mask(model, 1e-2).num_neurons == 4 * 6 + 2 * 15  # round(5.76) = 6, round(15.36) = 15
+    assert bench.layer_mask(model, 1e-4).num_neurons == 6  # at least one of each type
+
+
+def test_bytes_model_counts_the_optimizers_tensors():
+    case = OptimizerCase.build(TINY, TINY.layers, "cpu")
+    ks = case.keystone(0.2, "reference")
+    assert sum(n * m for n, m, _, _ in ks.layout) == sum(p.numel() for p in ks.params) > 0
+    assert sum(p.numel() for p in ks.params) == ks.mask.num_parameters(case.meta)
+
+
+def test_parse_fractions_and_cli_registration():
+    from keystone_kernels.cli import build_parser
+
+    assert bench._parse_fractions("0.1%, 0.01") == [pytest.approx(1e-3), 0.01]
+    with pytest.raises(ValueError, match="fraction"):
+        bench._parse_fractions("0")
+    args = build_parser().parse_args(["bench", "--quick", "--device", "cpu", "--out", "x"])
+    assert args.func is bench.cmd_bench and args.quick and args.out == "x"
+
+
+def test_smoke_run_on_a_tiny_shape(monkeypatch):
+    """Every part end to end on a tiny shape: results, summary and report (no timing asserted)."""
+    monkeypatch.setitem(SHAPES, "tiny", TINY)
+    device = torch.device("cpu")
+    results = {
+        "machine": bench.machine_info(device),
+        "config": {"device": "cpu", "loadavg_start": bench.loadavg()},
+        "optimizer": [bench.bench_optimizer(TINY, [0.3], ["reference"], device, reps=1, budget=2**30,
+                                            bandwidth=1e10, min_time_s=0, log=lambda s: None)],
+        "wgrad": [bench.bench_wgrad(TINY, [0.1], ["reference"], device, tokens=16, reps=1, min_time_s=0,
+                                     log=lambda s: None)],
+        "train": [],
+    }
+    spec = bench.TrainSpec("tiny", "dense", batch=2, seq=8, warmup=0, reps=1)
+    dense = bench.train_worker(spec)
+    keystone = bench.train_worker(bench.TrainSpec("tiny", "keystone", batch=2, seq=8, warmup=0, reps=1,
+                                                  fraction=0.1, backend="reference"))
+    assert dense["trainable"] == TINY.total_params and 0 < keystone["trainable"] < TINY.projection_params
+    for r in (dense, keystone):
+        r["memory_bytes"], r["flops"] = 1, train_step_flops(TINY, 2, 8, r["trainable"] if r is keystone else None)
+    keystone.update(fraction=0.1)
+    results["train"].append({"shape": "tiny", "device": "cpu", "batch": 2, "seq": 8, "dense": dense, "keystone": [keystone]})
+
+    results["summary"] = bench.summarize(results)
+    rows = results["summary"]["rows"]
+    assert [r["fraction"] for r in rows["optimizer"]] == [0.3]
+    assert set(results["optimizer"][0]["dense"]) == {"masked_foreach", "foreach", "masked_fused", "fused"}
+    for r in rows["optimizer"]:  # allocation accounting, not timing: deterministic
+        assert r["memory_ratio_vs_masked_foreach"] < 1
+    assert rows["wgrad"][0]["flop_ratio"] > 1 and rows["train"][0]["flop_bound"] > 1
+    text = bench.report(results)
+    assert "optimizer step, tiny shapes" in text and "train step" in text
+    json.dumps(results, default=str)  # the plot is left to CI's `bench --quick` run (matplotlib takes seconds to import)
