@@ -20,6 +20,7 @@ from torch import Tensor
 
 from . import ops
 from .linear import KeystoneLinear
+from .ops.reference import adamw_update
 
 NONFINITE = ("raise", "skip")
 
@@ -183,20 +184,5 @@ class KeystoneAdamW(torch.optim.Optimizer):
                 amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale, backend=self.backend,
             )
         for p, g, state in plain:  # same math, no scatter
-            _adamw_plain(p, g * grad_scale if grad_scale != 1.0 else g, state, lr, beta1, beta2, group["eps"],
-                         group["weight_decay"], amsgrad, maximize)
-
-
-def _adamw_plain(p, g, state, lr, beta1, beta2, eps, wd, amsgrad, maximize) -> None:
-    if maximize:
-        g = -g
-    step = int(state["step"])
-    p.mul_(1.0 - lr * wd)
-    state["exp_avg"].lerp_(g, 1.0 - beta1)
-    state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-    v = state["exp_avg_sq"]
-    if amsgrad:
-        torch.maximum(state["max_exp_avg_sq"], v, out=state["max_exp_avg_sq"])
-        v = state["max_exp_avg_sq"]
-    denom = (v.sqrt() / math.sqrt(1.0 - beta2**step)).add_(eps)
-    p.addcdiv_(state["exp_avg"], denom, value=-lr / (1.0 - beta1**step))
+            adamw_update(p, g, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq") if amsgrad else None,
+                         lr, group["weight_decay"], int(state["step"]), beta1, beta2, group["eps"], maximize, grad_scale)

@@ -110,7 +110,8 @@ _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 def answer_matches(generated: str, answer: str) -> bool:
     """Numeric answers: the number after "answer is", else the last number of the first line, equals it.
-    Other answers: the normalised generation starts with the normalised answer.
+    Other answers: the normalised answer appears as whole words in the first line of the generation
+    (a chat model says "The capital of France is Paris.").
 
     The last number is what a worked answer ends with ("23 + 45 = 68").
     """
@@ -122,7 +123,9 @@ def answer_matches(generated: str, answer: str) -> bool:
         numbers = _NUMBER.findall(lines[0]) if lines else []
         found = stated.group(1) if stated else (numbers[-1] if numbers else None)
         return found is not None and float(found) == float(answer.replace(",", ""))
-    return _normalize(generated).startswith(_normalize(answer))
+    lines = [line for line in generated.strip().splitlines() if line.strip()]
+    first = _normalize(lines[0]) if lines else ""
+    return re.search(rf"(^|\s){re.escape(_normalize(answer))}($|\s)", first) is not None
 
 
 @torch.no_grad()

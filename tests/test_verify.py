@@ -105,7 +105,8 @@ def test_perplexity_matches_per_text_hf_loss():
     [("42", "42", True), (" The answer is 42.", "42", True), ("23 + 19 = 42", "42", True), ("23 + 19 = 41", "42", False),
      ("The answer is 42, not 43", "42", True), ("42 or 41", "42", False), ("1,000 apples", "1000", True),
      ("12 - 19 = -7", "-7", True), ("42\nand later 43", "42", True), ("Paris, of course", "paris", True),
-     ("It is Paris", "Paris", False), ("", "3", False)],
+     ("It is Paris.", "Paris", True), ("Parisian food", "Paris", False), ("Rome\nParis", "Paris", False),
+     ("Carbon dioxide, CO2", "carbon dioxide", True), ("", "3", False)],
 )
 def test_answer_matching(generated, answer, ok):
     assert answer_matches(generated, answer) is ok

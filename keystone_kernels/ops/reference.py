@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["gather_wgrad", "scatter_to_frozen", "fused_adamw_scatter"]
+__all__ = ["gather_wgrad", "scatter_to_frozen", "fused_adamw_scatter", "adamw_update"]
 
 
 def gather_wgrad(grad_out: Tensor, x: Tensor, rows: Tensor | None, cols: Tensor | None) -> Tensor:
@@ -75,19 +75,30 @@ def fused_adamw_scatter(
     this update (already incremented by the caller).
     """
     for i, p in enumerate(params):
-        g = grads[i] if grad_scale == 1.0 else grads[i] * grad_scale
-        if maximize:
-            g = -g
-        lr, wd, step = float(lrs[i]), float(weight_decays[i]), int(steps[i])
-        bc1 = 1.0 - beta1**step
-        bc2_sqrt = (1.0 - beta2**step) ** 0.5
-        p.mul_(1.0 - lr * wd)
-        exp_avgs[i].lerp_(g, 1.0 - beta1)
-        exp_avg_sqs[i].mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        v = exp_avg_sqs[i]
-        if amsgrad:
-            torch.maximum(max_exp_avg_sqs[i], v, out=max_exp_avg_sqs[i])
-            v = max_exp_avg_sqs[i]
-        denom = (v.sqrt() / bc2_sqrt).add_(eps)
-        p.addcdiv_(exp_avgs[i], denom, value=-lr / bc1)
+        adamw_update(p, grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsgrad else None,
+                     float(lrs[i]), float(weight_decays[i]), int(steps[i]), beta1, beta2, eps, maximize, grad_scale)
         scatter_to_frozen(weights[i], p, rows[i], cols[i])
+
+
+def adamw_update(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Tensor | None,
+                 lr: float, weight_decay: float, step: int, beta1: float, beta2: float, eps: float,
+                 maximize: bool = False, grad_scale: float = 1.0) -> None:
+    """One in-place AdamW update of one tensor (the math above, without the scatter).
+
+    ``max_exp_avg_sq`` is given for amsgrad and None otherwise. Also used by KeystoneAdamW for
+    parameters that live outside a KeystoneLinear.
+    """
+    g = grad if grad_scale == 1.0 else grad * grad_scale
+    if maximize:
+        g = -g
+    bc1 = 1.0 - beta1**step
+    bc2_sqrt = (1.0 - beta2**step) ** 0.5
+    p.mul_(1.0 - lr * weight_decay)
+    exp_avg.lerp_(g, 1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    v = exp_avg_sq
+    if max_exp_avg_sq is not None:
+        torch.maximum(max_exp_avg_sq, v, out=max_exp_avg_sq)
+        v = max_exp_avg_sq
+    denom = (v.sqrt() / bc2_sqrt).add_(eps)
+    p.addcdiv_(exp_avg, denom, value=-lr / bc1)
