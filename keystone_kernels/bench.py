@@ -310,17 +310,19 @@ def loadavg() -> list[float] | None:
         return None
 
 
-def _git_commit() -> str | None:
+def _git_state() -> tuple[str | None, list[str]]:
+    """(HEAD commit, "+dirty" appended when tracked files differ; the differing paths)."""
     repo = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
-        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+            return None, []
+        status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10)
+        dirty = [line[3:] for line in status.stdout.splitlines() if line.strip()]
+        return head.stdout.strip() + ("+dirty" if dirty else ""), dirty
     except (OSError, subprocess.SubprocessError):
-        return None
+        return None, []
 
 
 def _cpu_model() -> str:
@@ -349,8 +351,9 @@ def machine_info(device: torch.device) -> dict:
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "memory_bytes": _mem_total(), "python": platform.python_version(), "torch": torch.__version__,
-        "cuda": torch.version.cuda, "commit": _git_commit(), "platform": platform.platform(),
+        "cuda": torch.version.cuda, "platform": platform.platform(),
     }
+    info["commit"], info["modified_files"] = _git_state()
     for mod in ("triton", "transformers"):
         try:
             info[mod] = __import__(mod).__version__
@@ -1078,58 +1081,75 @@ def _fmt(v, spec: str = ".3g") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def report(results: dict) -> str:
-    """The tables of ratios and the targets, as text."""
-    from .verify import format_table
+def _table(headers: Sequence[str], rows: Sequence[Sequence], markdown: bool) -> str:
+    if not markdown:
+        from .verify import format_table
 
+        return format_table(headers, rows)
+    cells = [[str(c) for c in r] for r in rows]
+    return "\n".join(["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+                     + ["| " + " | ".join(r) + " |" for r in cells])
+
+
+def report(results: dict, markdown: bool = False) -> str:
+    """The tables of ratios and the targets, as plain text (or markdown)."""
     s = results["summary"]
     lines = []
     m = results["machine"]
-    lines.append(f"machine: {m.get('gpu') or m['cpu']} | torch {m['torch']} | triton {m.get('triton')} | cuda {m['cuda']} "
-                 f"| commit {m['commit']} | load {results['config'].get('loadavg_start')}")
+    cfg = results["config"]
+
+    def title(text):
+        lines.append(f"\n**{text}**\n" if markdown else f"\n{text}")
+
+    lines.append(f"machine: {m.get('gpu') or m['cpu']} ({m['cpu_count']} CPUs) | torch {m['torch']} | triton {m.get('triton')} "
+                 f"| cuda {m['cuda']} | commit {m['commit']} | load average {cfg.get('loadavg_start')} -> {cfg.get('loadavg_end')}")
     for o in results.get("optimizer", []):
         if o.get("skipped"):
-            lines.append(f"\noptimizer step, {o['shape']}: skipped ({o['skipped']})")
+            title(f"optimizer step, {o['shape']}: skipped ({o['skipped']})")
             continue
         dense = ", ".join(f"{n} {d['time']['median'] * 1e3:.0f} ms" for n, d in o["dense"].items())
-        lines.append(f"\noptimizer step, {o['shape']} shapes, {o['layers']} of {o['of_layers']} layers, "
-                     f"{o['weights'] / 1e6:.1f}M weights; torch AdamW: {dense}")
+        title(f"optimizer step, {o['shape']} shapes, {o['layers']} of {o['of_layers']} layers, "
+              f"{o['weights'] / 1e6:.1f}M projection weights; torch AdamW: {dense}")
         rows = [r for r in s["rows"]["optimizer"] if r["shape"] == o["shape"]]
         names = list(o["dense"])
-        lines.append(format_table(
-            ["keystone", "params", "backend", "ms", *[f"x {n}" for n in names], "mem ratio", "bw/copy", "launches"],
-            [[_pct(r["fraction"]), r["params"], r["backend"], _fmt(r["time_s"] * 1e3), *[_fmt(r[f"speedup_vs_{n}"], ".4g") for n in names],
-              _fmt(r.get("memory_ratio_vs_masked_foreach") or r.get(f"memory_ratio_vs_{names[0]}")),
-              _fmt(r["bandwidth_fraction"], ".1%"), _fmt(r["launches"], "d")] for r in rows]))
+        mem_key = "masked_foreach" if "masked_foreach" in names else names[0]
+        lines.append(_table(
+            ["keystone", "params", "backend", "ms", *[f"x {n}" for n in names], f"mem / {mem_key}", "bw / copy bw", "launches"],
+            [[_pct(r["fraction"]), r["params"], r["backend"], _fmt(r["time_s"] * 1e3),
+              *[_fmt(r[f"speedup_vs_{n}"], ".4g") for n in names], _fmt(r[f"memory_ratio_vs_{mem_key}"]),
+              _fmt(r["bandwidth_fraction"], ".1%"), _fmt(r["launches"], "d")] for r in rows], markdown))
     for w in results.get("wgrad", []):
         d = w["dense"]
-        lines.append(f"\nweight gradient, {w['shape']} shapes, layer 0, {w['tokens']} tokens {w['dtype']}: dense dW "
-                     f"{d['time']['median'] * 1e3:.1f} ms ({d['flops_per_s'] / 1e9:.0f} GFLOP/s)")
+        title(f"weight gradient, {w['shape']} shapes, the 7 projections of one layer, {w['tokens']} tokens {w['dtype']}: "
+              f"dense dW {d['time']['median'] * 1e3:.1f} ms ({d['flops_per_s'] / 1e9:.0f} GFLOP/s)")
         rows = [r for r in s["rows"]["wgrad"] if r["shape"] == w["shape"]]
         ks = {(k["fraction"], k["backend"]): k for k in w["keystone"]}
-        lines.append(format_table(["keystone", "params", "backend", "ms", "speedup", "FLOP ratio", "GFLOP/s", "mem ratio"],
-                                  [[_pct(r["fraction"]), ks[(r["fraction"], r["backend"])]["params"], r["backend"],
-                                    _fmt(r["time_s"] * 1e3), _fmt(r["speedup"], ".4g"), _fmt(r["flop_ratio"], ".4g"),
-                                    _fmt(ks[(r["fraction"], r["backend"])]["flops_per_s"] / 1e9), _fmt(r["memory_ratio"])]
-                                   for r in rows]))
+        lines.append(_table(["keystone", "params", "backend", "ms", "speedup", "FLOP ratio", "GFLOP/s", "mem ratio"],
+                            [[_pct(r["fraction"]), ks[(r["fraction"], r["backend"])]["params"], r["backend"],
+                              _fmt(r["time_s"] * 1e3), _fmt(r["speedup"], ".4g"), _fmt(r["flop_ratio"], ".4g"),
+                              _fmt(ks[(r["fraction"], r["backend"])]["flops_per_s"] / 1e9), _fmt(r["memory_ratio"])]
+                             for r in rows], markdown))
     for tr in results.get("train", []):
         d = tr["dense"]
-        mem = "peak allocated" if tr["device"] == "cuda" else "peak RSS above imports"
-        lines.append(f"\ntrain step (fwd+bwd+optimizer), {tr['shape']} shapes, batch {tr['batch']} x seq {tr['seq']}: "
-                     f"dense {d['optimizer']} {d['time']['median']:.3f} s/step, {d['tokens_per_s']:.0f} tok/s, "
-                     f"{mem} {d['memory_bytes'] / _GIB:.2f} GiB")
+        cpu = tr["device"] == "cpu"
+        mem = "peak RSS above the RSS after imports" if cpu else "peak allocated"
+        title(f"train step (forward + backward + optimizer), {tr['shape']} shapes, batch {tr['batch']} x seq {tr['seq']}: "
+              f"dense ({d['optimizer']}) {d['time']['median']:.3f} s/step, {d['tokens_per_s']:.0f} tokens/s, "
+              f"{mem} {d['memory_bytes'] / _GIB:.2f} GiB" + (f" (absolute peak RSS {d['peak_rss'] / _GIB:.2f} GiB)" if cpu else ""))
         rows = [r for r in s["rows"]["train"] if r["shape"] == tr["shape"] and r["seq"] == tr["seq"] and r["batch"] == tr["batch"]]
-        extra = tr["device"] == "cpu"
-        lines.append(format_table(
-            ["keystone", "backend", "s/step", "tok/s", "speedup", "FLOP bound", "mem ratio"] + (["abs RSS ratio"] if extra else []),
-            [[_pct(r["fraction"]), r["backend"], _fmt(r["time_s"]), _fmt(r["tokens_per_s"], ".0f"), _fmt(r["speedup"]),
-              _fmt(r["flop_bound"]), _fmt(r["memory_ratio"])] + ([_fmt(r["memory_ratio_absolute_rss"])] if extra else [])
-             for r in rows]))
+        ks = {(k["fraction"], k["backend"]): k for k in tr["keystone"]}
+        lines.append(_table(
+            ["keystone", "params", "backend", "s/step", "tokens/s", "speedup", "FLOP bound", "memory GiB", "mem ratio"]
+            + (["abs RSS ratio"] if cpu else []),
+            [[_pct(r["fraction"]), ks[(r["fraction"], r["backend"])]["trainable"], r["backend"], _fmt(r["time_s"]),
+              _fmt(r["tokens_per_s"], ".0f"), _fmt(r["speedup"]), _fmt(r["flop_bound"]),
+              _fmt(ks[(r["fraction"], r["backend"])]["memory_bytes"] / _GIB), _fmt(r["memory_ratio"])]
+             + ([_fmt(r["memory_ratio_absolute_rss"])] if cpu else []) for r in rows], markdown))
     if s["targets"]:
-        lines.append("\ntargets (DESIGN.md section 5)")
-        lines.append(format_table(["target", "backend", "measured", "goal", "holds"],
-                                  [[t["target"], t["backend"], _fmt(t["value"], ".3g"), t["goal"], "yes" if t["holds"] else "NO"]
-                                   for t in s["targets"]]))
+        title("targets (DESIGN.md section 5)")
+        lines.append(_table(["target", "backend", "measured", "goal", "holds"],
+                            [[t["target"], t["backend"], _fmt(t["value"], ".3g"), t["goal"], "yes" if t["holds"] else "NO"]
+                             for t in s["targets"]], markdown))
     return "\n".join(lines)
 
 
@@ -1185,7 +1205,8 @@ def plot(results: dict, path: str | os.PathLike) -> bool:
 
 
 def run(plan: Plan, out_dir: str | os.PathLike, log: Callable[[str], None] = print) -> dict:
-    """Run ``plan``; write ``bench_<device>[_quick].json`` (after every part) and the plot in ``out_dir``."""
+    """Run ``plan``; write ``bench_<device>[_quick].json`` (after every part), ``.md`` (the tables) and
+    ``.png`` (the plot) in ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = plan.device
@@ -1243,6 +1264,9 @@ def run(plan: Plan, out_dir: str | os.PathLike, log: Callable[[str], None] = pri
             save()
     save()
     results["files"] = {"json": str(json_path)}
+    md_path = out_dir / f"{stem}.md"
+    md_path.write_text(report(results, markdown=True) + "\n")
+    results["files"]["markdown"] = str(md_path)
     if plot(results, png_path):
         results["files"]["plot"] = str(png_path)
     return results
@@ -1280,8 +1304,7 @@ def cmd_bench(args) -> int:
     results = run(plan, args.out)
     print()
     print(report(results))
-    print(f"\nwrote {results['files']['json']}" + (f" and {results['files']['plot']}" if "plot" in results["files"] else "")
-          + f" in {time.perf_counter() - start:.0f} s")
+    print(f"\nwrote {', '.join(results['files'].values())} in {time.perf_counter() - start:.0f} s")
     return 0
 
 
