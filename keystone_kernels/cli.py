@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole story on the default model: find, prove, fine-tune, compare")
     _add_model_args(p)
     _add_sft_args(p)
-    p.set_defaults(steps=100)
+    p.set_defaults(steps=80)
     p.add_argument("--eval-items", type=int, default=100)
     p.add_argument("--output", default="keystone_demo")
     p.set_defaults(func=cmd_demo)

@@ -119,6 +119,8 @@ def plot_losses(curves: dict[str, list[float]], path: str | Path) -> None:
 def sweep(base: nn.Module, tokenizer, mask, dataset, items, grid: dict[str, list[float]], steps: int, batch_size: int,
           output_dir: str | Path, seed: int = 0, progress: bool = True) -> dict:
     """Run every (mode, lr) of ``grid``; write ``compare.json``, ``compare.md`` and ``tradeoff.png``."""
+    if not any(grid.values()):
+        raise ValueError("the learning-rate grid is empty: give at least one learning rate for one mode")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
