@@ -171,7 +171,8 @@ def cmd_sft(args) -> int:
     return 0
 
 
-def _sft_inputs(args, model, tokenizer):
+def _sft_inputs(args, model, tokenizer, mask=None):
+    """(training set, eval items, mask): the mask is ``mask``, else --mask, else found with --top-fraction."""
     from .discovery import find_keystone
     from .mask import KeystoneMask
     from .sft_data import load_sft_dataset
@@ -180,8 +181,9 @@ def _sft_inputs(args, model, tokenizer):
     items = _eval_items(args)[: args.eval_items]
     if not items:
         raise ValueError("comparisons need an eval set with prompt/answer rows (--eval)")
-    mask = KeystoneMask.from_json(args.mask) if args.mask else find_keystone(model, tokenizer, top_fraction=args.top_fraction,
-                                                                                progress=False).mask
+    if mask is None:
+        mask = KeystoneMask.from_json(args.mask) if args.mask else find_keystone(model, tokenizer, top_fraction=args.top_fraction,
+                                                                                    progress=False).mask
     return dataset, items, mask
 
 
@@ -217,11 +219,9 @@ def cmd_demo(args) -> int:
     rows = collapse_table(model, tokenizer, found.mask, seeds=range(3))
     print(format_table(["condition", "neurons", "perplexity", "x base"], [(r.condition, r.neurons, r.perplexity, r.ratio) for r in rows]))
     print(f"\n== 3. fine-tune on {args.data}: keystone-only vs full, same budget ({args.steps} steps x {args.batch_size})")
-    from .sft import evaluate
-    from .sft_data import load_sft_dataset
+    from .sft import evaluate, write_metrics
 
-    dataset = load_sft_dataset(_data_path(args.data), tokenizer, max_length=args.max_length)
-    items = _eval_items(args)[: args.eval_items]
+    dataset, items, _ = _sft_inputs(args, model, tokenizer, found.mask)
     base = evaluate(model, tokenizer, items)
     runs = [compare.run_one(model, tokenizer, found.mask, dataset, items, mode, None, args.steps, args.batch_size, args.seed)
             for mode in ("keystone", "full")]
@@ -233,8 +233,6 @@ def cmd_demo(args) -> int:
             f"{r.optimizer_state_bytes / 2**20:.2f} MiB", f"{r.median_step_seconds:.2f}") for r in runs]))
     compare.plot_losses({f"{r.mode} (lr {r.lr:g})": r.losses for r in runs}, out / "loss_curves.png")
     sft_report = {"base": base, "runs": [r.__dict__ for r in runs], "collapse": [r.__dict__ for r in rows]}
-    from .sft import write_metrics
-
     write_metrics(out / "demo.json", sft_report)
     print(f"\nloss curves: {out / 'loss_curves.png'}; all figures: {out / 'demo.json'}; {(time.time() - t0) / 60:.1f} min")
     return 0
