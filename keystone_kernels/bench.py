@@ -997,10 +997,6 @@ def _train_fits(shape: Shape, batch: int, seq: int, device: torch.device) -> tup
     return ok, f"dense needs ~{need / _GIB:.0f} GiB, {have / _GIB:.0f} GiB {'total' if device.type == 'cuda' else 'available'}"
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a and b else None
-
-
 def summarize(results: dict) -> dict:
     """Ratios per case, and the DESIGN.md section 5 targets that this run measured."""
     device = results["config"]["device"]
@@ -1282,7 +1278,7 @@ def _parse_fractions(text: str) -> list[float]:
         value = float(part[:-1]) / 100 if part.endswith("%") else float(part)
         if not 0 < value <= 1:
             raise ValueError(f"keystone fraction {part!r} must be in (0, 1] (or a percentage like 0.1%)")
-        out.append(value)
+        out.append(float(f"{value:.10g}"))  # 0.1% -> exactly 1e-3, so that it matches the default cases
     return out
 
 
