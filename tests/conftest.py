@@ -89,6 +89,20 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 INDEX_KINDS = ("none", "random", "one", "first_last", "empty", "explicit_all")
 
 
+# (rows kind, cols kind) pairs every op test covers: None, random, empty, one, first+last, all.
+INDEX_CASES = [
+    ("none", "none"),
+    ("random", "none"),
+    ("none", "random"),
+    ("random", "random"),
+    ("empty", "none"),
+    ("none", "empty"),
+    ("one", "one"),
+    ("explicit_all", "random"),
+    ("first_last", "explicit_all"),
+]
+
+
 def make_index(kind: str, bound: int, gen: torch.Generator) -> torch.Tensor | None:
     """A sorted unique int64 index into range(bound) of the given kind ("none" gives None)."""
     if kind == "none":

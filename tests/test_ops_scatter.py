@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import bits, gpu, make_index, poison, require_backend, requires_cuda
+from conftest import INDEX_CASES, bits, gpu, make_index, poison, require_backend, requires_cuda
 
 from keystone_kernels import ops
 from keystone_kernels.ops import reference
@@ -15,17 +15,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast:Run
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(37, 53), (5, 300), (130, 3)]  # prime; wider than one 128-column tile; many row tiles
-INDEX_CASES = [
-    ("none", "none"),
-    ("random", "none"),
-    ("none", "random"),
-    ("random", "random"),
-    ("empty", "none"),
-    ("none", "empty"),
-    ("one", "one"),
-    ("explicit_all", "random"),
-    ("first_last", "explicit_all"),
-]
 
 
 def hard_values(n: int, m: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:

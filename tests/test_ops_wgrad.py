@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import gpu, make_index, poisoned_allocations, require_backend, requires_cuda
+from conftest import INDEX_CASES, gpu, make_index, poisoned_allocations, require_backend, requires_cuda
 
 from keystone_kernels import ops
 from keystone_kernels.ops import reference
@@ -12,18 +12,6 @@ from keystone_kernels.ops import reference
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (T, out, in): empty batch, one token, odd / prime sizes, T past several 16-32 token blocks.
 SHAPES = [(0, 37, 53), (1, 37, 53), (29, 41, 19), (67, 37, 53)]
-# (rows kind, cols kind) of conftest.make_index.
-INDEX_CASES = [
-    ("none", "none"),
-    ("random", "none"),
-    ("none", "random"),
-    ("random", "random"),
-    ("empty", "none"),
-    ("none", "empty"),
-    ("one", "one"),
-    ("explicit_all", "random"),
-    ("first_last", "explicit_all"),
-]
 
 
 def _inputs(shape, dtype, rows_kind, cols_kind, gen, device="cpu"):
