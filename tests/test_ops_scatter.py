@@ -171,27 +171,75 @@ def test_ext_opcheck(device):
             torch.library.opcheck(torch.ops.keystone.scatter_to_frozen.default, (w, src, rows, cols))
 
 
-def test_ext_under_torch_compile(rng):
-    require_backend("ext", "cpu")
+@pytest.mark.parametrize("backend", ["ext", "triton"])
+def test_under_torch_compile_fullgraph(backend, rng):
+    """No graph break; the compiled in-place scatter writes the same bits as the reference."""
+    require_backend(backend, "cpu")
     w = torch.randn(8, 6, generator=rng).bfloat16()
-    rows = torch.tensor([1, 6])
-    src = torch.randn(2, 6, generator=rng)
+    rows, cols = torch.tensor([1, 6]), torch.tensor([0, 3, 5])
+    src = hard_values(2, 3, torch.bfloat16, rng)
     expected = w.clone()
-    reference.scatter_to_frozen(expected, src * 2, rows, None)
+    reference.scatter_to_frozen(expected, src * 2, rows, cols)
 
-    @torch.compile(backend="aot_eager")
     def step(w, src):
-        ops.scatter_to_frozen(w, src * 2, rows, None, backend="ext")
+        ops.scatter_to_frozen(w, src * 2, rows, cols, backend=backend)
 
-    step(w, src)
+    explanation = torch._dynamo.explain(step)(w.clone(), src)
+    assert explanation.graph_break_count == 0, [str(r.reason)[:200] for r in explanation.break_reasons]
+    torch.compile(step, backend="aot_eager", fullgraph=True)(w, src)
     assert torch.equal(bits(w), bits(expected))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[gpu, requires_cuda])])
+def test_triton_opcheck(device, rng):
+    require_backend("triton", device)
+    for dtype in DTYPES:
+        w = torch.randn(11, 9, generator=rng).to(dtype).to(device)
+        for rows, cols in [(torch.tensor([0, 4, 10]), torch.tensor([2, 3])), (None, torch.tensor([8])),
+                           (torch.tensor([5]), None)]:
+            rows = None if rows is None else rows.to(device)
+            cols = None if cols is None else cols.to(device)
+            src = torch.randn(11 if rows is None else len(rows), 9 if cols is None else len(cols), generator=rng)
+            torch.library.opcheck(torch.ops.keystone_triton.scatter_to_frozen.default, (w, src.to(device), rows, cols))
+
+
+def test_triton_launches_under_the_weights_device(monkeypatch, rng):
+    """The launch runs inside the device context of the weight (what makes cuda:1 work)."""
+    require_backend("triton", "cpu")
+    import contextlib
+
+    from keystone_kernels.ops.triton import scatter
+
+    seen = []
+
+    @contextlib.contextmanager
+    def recording(t):
+        seen.append(t.device)
+        yield
+
+    monkeypatch.setattr(scatter, "on_device", recording)
+    weight = torch.randn(13, 7, generator=rng).bfloat16()
+    rows = torch.tensor([0, 5, 12])
+    src = hard_values(3, 7, torch.bfloat16, rng)
+    expected = weight.clone()
+    reference.scatter_to_frozen(expected, src, rows, None)
+    scatter.scatter_to_frozen(weight, src, rows, None)
+    assert seen == [weight.device]
+    assert torch.equal(bits(weight), bits(expected))
+
+
 @gpu
-@requires_cuda
-def test_triton_opcheck_cuda(rng):
-    require_backend("triton", "cuda")
-    w = torch.randn(11, 9, generator=rng).bfloat16().cuda()
-    src = torch.randn(3, 2, generator=rng).cuda()
-    rows, cols = torch.tensor([0, 4, 10], device="cuda"), torch.tensor([2, 3], device="cuda")
-    torch.library.opcheck(torch.ops.keystone_triton.scatter_to_frozen.default, (w, src, rows, cols))
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("backend", ["triton", "ext"])
+def test_second_cuda_device(backend, rng):
+    """A weight on cuda:1 while cuda:0 is current: the kernel must write on cuda:1."""
+    require_backend(backend, "cuda")
+    weight = torch.randn(37, 53, generator=rng).bfloat16()
+    rows, cols = make_index("random", 37, rng), make_index("random", 53, rng)
+    src = hard_values(len(rows), len(cols), torch.bfloat16, rng)
+    expected = weight.clone()
+    reference.scatter_to_frozen(expected, src, rows, cols)
+    weight = weight.to("cuda:1")
+    with torch.cuda.device(0):
+        ops.scatter_to_frozen(weight, src.to("cuda:1"), rows.to("cuda:1"), cols.to("cuda:1"), backend=backend)
+    assert torch.equal(bits(weight.cpu()), bits(expected))

@@ -100,6 +100,82 @@ def test_triton_split_t(device, splits, dtype, rng):
     torch.testing.assert_close(got, expected, **_tol(83))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[gpu, requires_cuda])])
+@pytest.mark.parametrize("copy_first", [True, False], ids=["copy-first", "gather-in-kernel"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 37, 53), (67, 41, 19)], ids=lambda s: "T{}x{}x{}".format(*s))
+@pytest.mark.parametrize("rows_kind,cols_kind", INDEX_CASES)
+def test_triton_both_gather_paths(device, copy_first, dtype, shape, rows_kind, cols_kind, rng):
+    """Indices gathered by index_select before the kernel, or by the kernel's loads, whatever their density."""
+    require_backend("triton", device)
+    from keystone_kernels.ops.triton.wgrad import gather_wgrad
+
+    grad_out, x, rows, cols = _inputs(shape, dtype, rows_kind, cols_kind, rng, device)
+    expected = reference.gather_wgrad(grad_out, x, rows, cols)
+    with poisoned_allocations():
+        got = gather_wgrad(grad_out, x, rows, cols, copy_first=copy_first)
+    assert got.shape == expected.shape and not got.isnan().any()
+    torch.testing.assert_close(got, expected, **_tol(shape[0]))
+
+
+def test_triton_copies_only_sparse_indices(monkeypatch, rng):
+    """The default copies a sparse index's columns first (the keystone rows) and gathers a dense
+    one (every row but the keystone ones) in the kernel; the results agree either way."""
+    require_backend("triton", "cpu")
+    from keystone_kernels.ops.triton import wgrad
+
+    copied = []
+    real_index_select = torch.Tensor.index_select
+
+    def index_select(t, dim, idx):
+        copied.append(len(idx))
+        return real_index_select(t, dim, idx)
+
+    monkeypatch.setattr(torch.Tensor, "index_select", index_select)
+    T, out, inp = 40, 90, 70
+    grad_out, x = torch.randn(T, out, generator=rng), torch.randn(T, inp, generator=rng)
+    sparse, dense = torch.tensor([3, 17, 89]), torch.arange(out)[torch.arange(out) % 11 != 0]
+    for rows, want in ((sparse, [3]), (dense, [])):
+        copied.clear()
+        got = wgrad.gather_wgrad(grad_out, x, rows, None)
+        assert copied == want
+        torch.testing.assert_close(got, reference.gather_wgrad(grad_out, x, rows, None), **_tol(T))
+
+
+def test_triton_launches_under_the_tensors_device(monkeypatch, rng):
+    """The launch runs inside the device context of the operands (what makes cuda:1 work)."""
+    require_backend("triton", "cpu")
+    import contextlib
+
+    from keystone_kernels.ops.triton import wgrad
+
+    seen = []
+
+    @contextlib.contextmanager
+    def recording(t):
+        seen.append(t.device)
+        yield
+
+    monkeypatch.setattr(wgrad, "on_device", recording)
+    grad_out, x, rows, cols = _inputs((23, 31, 17), torch.float32, "random", "random", rng)
+    got = wgrad.gather_wgrad(grad_out, x, rows, cols)
+    assert seen == [grad_out.device]
+    torch.testing.assert_close(got, reference.gather_wgrad(grad_out, x, rows, cols), **_tol(23))
+
+
+@gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("backend", ["triton", "ext"])
+def test_second_cuda_device(backend, rng):
+    """Tensors on cuda:1 while cuda:0 is current: the kernel must run on cuda:1."""
+    require_backend(backend, "cuda")
+    grad_out, x, rows, cols = _inputs((70, 45, 33), torch.bfloat16, "random", "random", rng, "cuda:1")
+    with torch.cuda.device(0):
+        got = ops.gather_wgrad(grad_out, x, rows, cols, backend=backend)
+    assert got.device == grad_out.device
+    torch.testing.assert_close(got, reference.gather_wgrad(grad_out, x, rows, cols), **_tol(70))
+
+
 class _AllocationRecorder(torch.utils._python_dispatch.TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -202,25 +278,45 @@ def test_ext_opcheck(device):
         torch.library.opcheck(torch.ops.keystone.gather_wgrad.default, sample)
 
 
-def test_ext_under_torch_compile(rng):
-    require_backend("ext", "cpu")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[gpu, requires_cuda])])
+def test_triton_opcheck(device):
+    require_backend("triton", device)
+    for sample in _opcheck_samples():
+        sample = tuple(None if t is None else t.to(device) for t in sample)
+        torch.library.opcheck(torch.ops.keystone_triton.gather_wgrad.default, sample)
+
+
+@pytest.mark.parametrize("backend", ["ext", "triton"])
+def test_under_torch_compile_fullgraph(backend, rng):
+    """No graph break, and the compiled result equals the reference (aot_eager: runs on the CPU)."""
+    require_backend(backend, "cpu")
     g, x = torch.randn(9, 12, generator=rng), torch.randn(9, 10, generator=rng)
     rows, cols = torch.tensor([1, 5, 11]), torch.tensor([0, 9])
-    fn = torch.compile(lambda g, x: ops.gather_wgrad(g, x, rows, cols, backend="ext") * 2, backend="aot_eager")
-    torch.testing.assert_close(fn(g, x), 2 * reference.gather_wgrad(g, x, rows, cols))
+
+    def fn(g, x):
+        return ops.gather_wgrad(g, x, rows, cols, backend=backend) * 2
+
+    explanation = torch._dynamo.explain(fn)(g, x)
+    assert explanation.graph_break_count == 0, [str(r.reason)[:200] for r in explanation.break_reasons]
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(g, x), 2 * reference.gather_wgrad(g, x, rows, cols))
+    # A second token count recompiles with a symbolic T: the fake function must handle it.
+    g, x = torch.randn(14, 12, generator=rng), torch.randn(14, 10, generator=rng)
+    torch.testing.assert_close(compiled(g, x), 2 * reference.gather_wgrad(g, x, rows, cols))
 
 
 @gpu
 @requires_cuda
-def test_triton_opcheck_and_compile_cuda(rng):
-    require_backend("triton", "cuda")
-    for sample in _opcheck_samples():
-        sample = tuple(None if t is None else t.cuda() for t in sample)
-        torch.library.opcheck(torch.ops.keystone_triton.gather_wgrad.default, sample)
-    g, x = torch.randn(64, 96, device="cuda").bfloat16(), torch.randn(64, 80, device="cuda").bfloat16()
+@pytest.mark.parametrize("backend", ["ext", "triton"])
+def test_inductor_compile_cuda(backend, rng):
+    """The GPU compile path: Inductor, bf16, a token count that changes between calls."""
+    require_backend(backend, "cuda")
     rows = torch.tensor([2, 40, 95], device="cuda")
-    fn = torch.compile(lambda g, x: ops.gather_wgrad(g, x, rows, None, backend="triton"), fullgraph=True)
-    torch.testing.assert_close(fn(g, x), reference.gather_wgrad(g, x, rows, None), **_tol(64))
+    fn = torch.compile(lambda g, x: ops.gather_wgrad(g, x, rows, None, backend=backend), fullgraph=True)
+    for T in (64, 97, 130):
+        g = torch.randn(T, 96, generator=rng).bfloat16().cuda()
+        x = torch.randn(T, 80, generator=rng).bfloat16().cuda()
+        torch.testing.assert_close(fn(g, x), reference.gather_wgrad(g, x, rows, None), **_tol(T))
 
 
 @gpu
@@ -240,3 +336,25 @@ def test_large_cuda(backend, dtype):
         expected = reference.gather_wgrad(grad_out, x, rows, cols)
         got = ops.gather_wgrad(grad_out, x, rows, cols, backend=backend)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_bench_wgrad_variants_compute_the_same_gradients():
+    """The benchmark's index_select + mm baseline and the Triton kernel give the reference's gradients,
+    and bench_wgrad times the baseline beside Triton."""
+    require_backend("triton", "cpu")
+    from keystone_kernels import bench
+
+    shape = bench.Shape("tiny", "llama", 24, 40, 2, 4, 2, 32, True)
+    case = bench.WgradCase.build(shape, tokens=19, device="cpu", seed=3)
+    want, _, _ = case.keystone_fn(0.25, "reference")
+    expected = want()
+    assert len(expected) >= 2 and all(g.abs().sum() > 0 for g in expected)
+    for variant in (bench.WGRAD_MM, "triton"):
+        got = case.keystone_fn(0.25, variant)[0]()
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected):
+            assert g.dtype == torch.float32
+            torch.testing.assert_close(g, e, **_tol(19))
+    result = bench.bench_wgrad(shape, [0.25], ["triton"], torch.device("cpu"), 19, warmup=0, reps=1, min_time_s=0,
+                               log=lambda _: None)
+    assert [k["backend"] for k in result["keystone"]] == ["triton", bench.WGRAD_MM]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -49,3 +50,11 @@ def cast_rne(x, DTYPE: tl.constexpr):
         return f32_to_bf16_rne(x)
     else:
         return x.to(DTYPE)  # fp16: rtne on the GPU and in the interpreter (numpy); fp32: identity
+
+
+def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The context to launch a kernel on ``t``: Triton launches on the current CUDA device, which
+    need not be ``t``'s (e.g. ``cuda:1``); on CPU tensors (the interpreter) nothing to do."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()

@@ -9,12 +9,12 @@ with ``rne`` the round-to-nearest-even cast into W's dtype; no other element of 
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
 
-from ._common import cast_rne, check_device
+from ._common import cast_rne, check_device, on_device
 
 __all__ = ["scatter_to_frozen", "scatter_to_frozen_op"]
 
@@ -67,26 +67,31 @@ def scatter_to_frozen(
     n, m = src.shape
     if n == 0 or m == 0:
         return
-    src = src.contiguous()
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
-    wrap_triton(_scatter_to_frozen_kernel)[grid](
-        weight,
-        src,
-        rows,
-        cols,
-        n,
-        m,
-        weight.stride(0),
-        weight.stride(1),
-        HAS_ROWS=rows is not None,
-        HAS_COLS=cols is not None,
-        BLOCK_N=block_n,
-        BLOCK_M=block_m,
-        num_warps=4,
-    )
+    with on_device(weight):
+        _scatter_to_frozen_kernel[grid](
+            weight,
+            src.contiguous(),
+            rows,
+            cols,
+            n,
+            m,
+            weight.stride(0),
+            weight.stride(1),
+            HAS_ROWS=rows is not None,
+            HAS_COLS=cols is not None,
+            BLOCK_N=block_n,
+            BLOCK_M=block_m,
+            num_warps=4,
+        )
 
 
-@triton_op("keystone_triton::scatter_to_frozen", mutates_args={"weight"})
+@torch.library.custom_op("keystone_triton::scatter_to_frozen", mutates_args={"weight"})
 def scatter_to_frozen_op(weight: Tensor, src: Tensor, rows: Tensor | None, cols: Tensor | None) -> None:
-    """``keystone_triton::scatter_to_frozen``: the launcher, visible to torch.compile."""
+    """``keystone_triton::scatter_to_frozen``: the launcher (see the package docstring)."""
     scatter_to_frozen(weight, src, rows, cols)
+
+
+@scatter_to_frozen_op.register_fake
+def _(weight, src, rows, cols):
+    return None

@@ -4,11 +4,17 @@ The math, for one keystone tensor addressed by (rows, cols) of a linear layer ``
 
     dW[i, j] = sum_t dY[t, r(i)] * X[t, c(j)]      r(i) = rows[i] or i, c(j) = cols[j] or j
 
-Each program owns one [BLOCK_N, BLOCK_M] tile of the output and a slice of the T axis; it gathers
-the tile's columns of dY and X on the fly (nothing of size [out, in] and no gathered copy of dY
-or X is ever made), multiplies with ``tl.dot`` and accumulates in fp32. When the output has too
-few tiles to fill the GPU, T is split over ``splits`` programs that each write their own fp32
-partial; the launcher sums the partials (no atomics: deterministic).
+Each program owns one [BLOCK_N, BLOCK_M] tile of the output and a slice of the T axis, multiplies
+``[BLOCK_N, BLOCK_T] x [BLOCK_T, BLOCK_M]`` tiles with ``tl.dot`` (tensor cores for bf16 / fp16 on
+the GPU) and accumulates in fp32. Nothing of size [out, in] is ever made.
+
+Where the columns come from depends on how dense the index is (:func:`_copy_first`): a sparse one
+(the keystone rows R, ~1% of out) is gathered once into a contiguous ``[T, |R|]`` copy with
+``index_select`` and the kernel runs dense tiles on it; a dense one (every row but R, which the
+column gradient uses) is gathered by the kernel's own loads, which are then nearly contiguous.
+
+When the output has too few tiles to fill the GPU, T is split over ``splits`` programs that each
+write their own fp32 partial; the launcher sums the partials (no atomics: deterministic).
 """
 
 from __future__ import annotations
@@ -17,9 +23,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
 
-from ._common import check_device, interpreting
+from ._common import check_device, interpreting, on_device
 
 __all__ = ["gather_wgrad", "gather_wgrad_op"]
 
@@ -28,8 +33,8 @@ __all__ = ["gather_wgrad", "gather_wgrad_op"]
 def _gather_wgrad_kernel(
     DY,  # [T, out] grad of the layer output, strides (stride_dy_t, stride_dy_c)
     X,  # [T, in] layer input, strides (stride_x_t, stride_x_c)
-    ROWS,  # [N] int64 rows of W (output channels), read only when HAS_ROWS
-    COLS,  # [M] int64 columns of W (input channels), read only when HAS_COLS
+    ROWS,  # [N] int64 columns of DY to use (rows of W), read only when HAS_ROWS
+    COLS,  # [M] int64 columns of X to use (columns of W), read only when HAS_COLS
     OUT,  # [SPLITS, N, M] fp32, contiguous: one partial dW per T slice
     T,  # number of tokens
     N,  # output rows: len(rows) or out
@@ -39,8 +44,8 @@ def _gather_wgrad_kernel(
     stride_dy_c,
     stride_x_t,
     stride_x_c,
-    HAS_ROWS: tl.constexpr,  # False: rows is "all, in order"
-    HAS_COLS: tl.constexpr,  # False: cols is "all, in order"
+    HAS_ROWS: tl.constexpr,  # False: DY's columns in order
+    HAS_COLS: tl.constexpr,  # False: X's columns in order
     UPCAST: tl.constexpr,  # upcast tiles to fp32 before tl.dot (interpreter bf16 workaround)
     PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" for fp32 inputs (no TF32)
     BLOCK_N: tl.constexpr,
@@ -68,7 +73,7 @@ def _gather_wgrad_kernel(
     t_start = pid_s * T_PER_SPLIT
     t_end = tl.minimum(t_start + T_PER_SPLIT, T)
     offs_t = tl.arange(0, BLOCK_T).to(tl.int64)
-    # dY^T tile [BLOCK_N, BLOCK_T] and X tile [BLOCK_T, BLOCK_M], gathered by their own indices.
+    # dY^T tile [BLOCK_N, BLOCK_T] and X tile [BLOCK_T, BLOCK_M].
     dy_ptrs = DY + src_n[:, None] * stride_dy_c + (t_start + offs_t)[None, :] * stride_dy_t
     x_ptrs = X + (t_start + offs_t)[:, None] * stride_x_t + src_m[None, :] * stride_x_c
 
@@ -88,6 +93,17 @@ def _gather_wgrad_kernel(
     tl.store(out_ptrs, acc, mask=mask_n[:, None] & mask_m[None, :])
 
 
+def _copy_first(k: int, total: int) -> bool:
+    """Gather ``k`` of an operand's ``total`` columns into a contiguous copy before the kernel?
+
+    Yes for a sparse index: gathered by the kernel from a row-major [T, total] operand, each 2-byte
+    element costs its own 32-byte sector load, and that again for every tile along the other output
+    axis; the copy pays those loads once, then the kernel streams dense tiles. No for a dense index:
+    the kernel's gathered loads are nearly contiguous, and a copy would add a pass over the operand.
+    """
+    return 2 * k <= total
+
+
 def _default_splits(T: int, tiles: int, block_t: int, device: torch.device) -> int:
     """Split T when the output alone cannot fill the GPU (few keystone rows, many tokens)."""
     if device.type != "cuda":
@@ -104,6 +120,7 @@ def gather_wgrad(
     rows: Tensor | None,
     cols: Tensor | None,
     *,
+    copy_first: bool | None = None,
     splits: int | None = None,
     block_n: int | None = None,
     block_m: int | None = None,
@@ -111,7 +128,8 @@ def gather_wgrad(
 ) -> Tensor:
     """Launcher. grad_out [T, out], x [T, in] (fp32/bf16/fp16) -> fp32 [len(rows) or out, len(cols) or in].
 
-    ``splits`` / ``block_*`` override the tuning (tests use them to reach every code path).
+    ``copy_first`` (gather both indices before the kernel: True, in it: False, by density: None),
+    ``splits`` and ``block_*`` override the tuning; tests use them to reach every code path.
     """
     check_device("gather_wgrad", grad_out, x)
     T = grad_out.shape[0]
@@ -119,48 +137,60 @@ def gather_wgrad(
     m = x.shape[1] if cols is None else cols.shape[0]
     if n == 0 or m == 0 or T == 0:
         return grad_out.new_zeros((n, m), dtype=torch.float32)
-    # tl.dot needs every block dimension >= 16.
-    block_n = block_n or (16 if n <= 16 else 32 if n <= 32 else 64)
-    block_m = block_m or (64 if m >= 64 else 32 if m > 16 else 16)
-    block_t = block_t or (32 if grad_out.dtype == torch.float32 else 64)
-    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-    splits = splits or _default_splits(T, tiles, block_t, grad_out.device)
-    t_per_split = triton.cdiv(triton.cdiv(T, splits), block_t) * block_t
-    splits = triton.cdiv(T, t_per_split)  # no empty slice
-    # One slice writes the result directly; several write partials that are summed below.
-    out_shape = (n, m) if splits == 1 else (splits, n, m)
-    out = torch.empty(out_shape, dtype=torch.float32, device=grad_out.device)
-    upcast = interpreting() and grad_out.dtype == torch.bfloat16
-    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), splits)
-    wrap_triton(_gather_wgrad_kernel)[grid](
-        grad_out,
-        x,
-        rows,
-        cols,
-        out,
-        T,
-        n,
-        m,
-        t_per_split,
-        grad_out.stride(0),
-        grad_out.stride(1),
-        x.stride(0),
-        x.stride(1),
-        HAS_ROWS=rows is not None,
-        HAS_COLS=cols is not None,
-        # The Triton 3.x interpreter miscomputes tl.dot on bf16 operands; fp32 products of bf16
-        # values are exact, so upcasting there changes nothing but speed.
-        UPCAST=upcast,
-        PRECISION="ieee" if upcast or grad_out.dtype == torch.float32 else "tf32",
-        BLOCK_N=block_n,
-        BLOCK_M=block_m,
-        BLOCK_T=block_t,
-        num_warps=4,
-    )
-    return out if splits == 1 else out.sum(0)
+    with on_device(grad_out):
+        if rows is not None and (_copy_first(n, grad_out.shape[1]) if copy_first is None else copy_first):
+            grad_out, rows = grad_out.index_select(1, rows), None
+        if cols is not None and (_copy_first(m, x.shape[1]) if copy_first is None else copy_first):
+            x, cols = x.index_select(1, cols), None
+        # tl.dot needs every block dimension >= 16.
+        block_n = block_n or (16 if n <= 16 else 32 if n <= 32 else 64)
+        block_m = block_m or (64 if m >= 64 else 32 if m > 16 else 16)
+        block_t = block_t or (32 if grad_out.dtype == torch.float32 else 64)
+        tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+        splits = splits or _default_splits(T, tiles, block_t, grad_out.device)
+        t_per_split = triton.cdiv(triton.cdiv(T, splits), block_t) * block_t
+        splits = triton.cdiv(T, t_per_split)  # no empty slice
+        # One slice writes the result directly; several write partials that are summed below.
+        out_shape = (n, m) if splits == 1 else (splits, n, m)
+        out = torch.empty(out_shape, dtype=torch.float32, device=grad_out.device)
+        upcast = interpreting() and grad_out.dtype == torch.bfloat16
+        grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), splits)
+        _gather_wgrad_kernel[grid](
+            grad_out,
+            x,
+            rows,
+            cols,
+            out,
+            T,
+            n,
+            m,
+            t_per_split,
+            grad_out.stride(0),
+            grad_out.stride(1),
+            x.stride(0),
+            x.stride(1),
+            HAS_ROWS=rows is not None,
+            HAS_COLS=cols is not None,
+            # The Triton 3.x interpreter miscomputes tl.dot on bf16 operands; fp32 products of bf16
+            # values are exact, so upcasting there changes nothing but speed.
+            UPCAST=upcast,
+            PRECISION="ieee" if upcast or grad_out.dtype == torch.float32 else "tf32",
+            BLOCK_N=block_n,
+            BLOCK_M=block_m,
+            BLOCK_T=block_t,
+            num_warps=4,
+        )
+        return out if splits == 1 else out.sum(0)
 
 
-@triton_op("keystone_triton::gather_wgrad", mutates_args=())
+@torch.library.custom_op("keystone_triton::gather_wgrad", mutates_args=())
 def gather_wgrad_op(grad_out: Tensor, x: Tensor, rows: Tensor | None, cols: Tensor | None) -> Tensor:
-    """``keystone_triton::gather_wgrad``: the launcher with default tuning, visible to torch.compile."""
+    """``keystone_triton::gather_wgrad``: the launcher with default tuning (see the package docstring)."""
     return gather_wgrad(grad_out, x, rows, cols)
+
+
+@gather_wgrad_op.register_fake
+def _(grad_out, x, rows, cols):
+    n = grad_out.shape[1] if rows is None else rows.shape[0]
+    m = x.shape[1] if cols is None else cols.shape[0]
+    return grad_out.new_empty((n, m), dtype=torch.float32)
