@@ -1,6 +1,6 @@
-// keystone::fused_adamw_scatter: the argument checks and per-tensor scalars shared by the CPU
-// kernel (keystone.cpp) and the CUDA binding (cuda/keystone_cuda.cpp), so that both backends
-// accept the same arguments and compute the same fp32 constants.
+// keystone::fused_adamw_scatter: the flat-layout tables and the checks shared by the CPU kernel
+// (keystone.cpp) and the CUDA binding (cuda/keystone_cuda.cpp), so that both backends accept the
+// same arguments. The layout is built once by keystone_kernels/ops/layout.py (see its docstring).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,62 +14,65 @@ namespace keystone {
 
 constexpr const char* kAdamwOp = "keystone::fused_adamw_scatter";
 
-// One entry per param in every list (max_exp_avg_sqs only with amsgrad); betas in [0, 1).
-inline void check_adamw_lists(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                              at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList weights,
-                              const c10::List<std::optional<at::Tensor>>& rows,
-                              const c10::List<std::optional<at::Tensor>>& cols, at::ArrayRef<double> lrs,
-                              at::ArrayRef<double> weight_decays, at::IntArrayRef steps, double beta1, double beta2,
-                              bool amsgrad) {
-  const size_t count = params.size();
-  const auto check_len = [&](size_t len, const char* name) {
-    TORCH_CHECK(len == count, kAdamwOp, ": ", name, " has ", len, " entries, params has ", count);
-  };
-  check_len(grads.size(), "grads");
-  check_len(exp_avgs.size(), "exp_avgs");
-  check_len(exp_avg_sqs.size(), "exp_avg_sqs");
-  check_len(weights.size(), "weights");
-  check_len(rows.size(), "rows");
-  check_len(cols.size(), "cols");
-  check_len(lrs.size(), "lrs");
-  check_len(weight_decays.size(), "weight_decays");
-  check_len(steps.size(), "steps");
-  if (amsgrad) check_len(max_exp_avg_sqs.size(), "max_exp_avg_sqs");
+// Columns of the int64 segments table [S, kSegWidth], one row per keystone tensor.
+enum SegColumn : int64_t {
+  kSegOffset = 0,  // first element in the arenas
+  kSegN,           // rows of the tensor
+  kSegM,           // columns of the tensor
+  kSegRowsAt,      // where its row indices start in `index`; -1: all rows, in order
+  kSegColsAt,      // where its column indices start in `index`; -1: all columns, in order
+  kSegWs0,         // strides of the frozen target, in elements
+  kSegWs1,
+  kSegWaddr,       // address of the frozen target (read by the CUDA kernel)
+  kSegWdtype,      // 0 float32, 1 bfloat16, 2 float16; -1: no target, nothing scattered
+  kSegWslot,       // position of the target in `weights`; -1: none
+  kSegWidth
+};
+constexpr int64_t kNumScalars = 5;  // decay, step_size, bc2_sqrt, grad_scale, skip
+
+// A 1-D contiguous float32 arena with master's size and device.
+inline void check_arena(const at::Tensor& t, const at::Tensor& master, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.is_contiguous() && t.numel() == master.numel(),
+              kAdamwOp, ": ", name, " must be a contiguous 1-D float32 arena of ", master.numel(),
+              " elements, got ", t.scalar_type(), " ", t.sizes());
+  TORCH_CHECK(t.device() == master.device(), kAdamwOp, ": ", name, " must be on ", master.device(), ", got ",
+              t.device());
+}
+
+inline void check_table(const at::Tensor& t, const at::Tensor& master, const char* name, int64_t width) {
+  TORCH_CHECK(t.scalar_type() == at::kLong && t.is_contiguous() && (width == 0 ? t.dim() == 1 : t.dim() == 2 &&
+                                                                    t.size(1) == width),
+              kAdamwOp, ": ", name, " must be a contiguous int64 table", width == 0 ? "" : " of width ",
+              width == 0 ? "" : std::to_string(width), ", got ", t.scalar_type(), " ", t.sizes());
+  TORCH_CHECK(t.device() == master.device(), kAdamwOp, ": ", name, " must be on ", master.device(), ", got ",
+              t.device());
+}
+
+// Every argument's dtype, shape and device (values of device tables are the Python layer's job).
+inline void check_adamw_args(const at::Tensor& master, const at::Tensor& grad, const at::Tensor& exp_avg,
+                             const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
+                             const at::Tensor& segments, const at::Tensor& index, const at::Tensor& blocks,
+                             const std::optional<at::Tensor>& scalars, int64_t block, double beta1, double beta2) {
+  TORCH_CHECK(master.scalar_type() == at::kFloat && master.dim() == 1 && master.is_contiguous(), kAdamwOp,
+              ": master must be a contiguous 1-D float32 arena, got ", master.scalar_type(), " ", master.sizes());
+  check_arena(grad, master, "grad");
+  check_arena(exp_avg, master, "exp_avg");
+  check_arena(exp_avg_sq, master, "exp_avg_sq");
+  if (max_exp_avg_sq.has_value()) check_arena(*max_exp_avg_sq, master, "max_exp_avg_sq");
+  check_table(segments, master, "segments", kSegWidth);
+  check_table(index, master, "index", 0);
+  check_table(blocks, master, "blocks", 2);
+  if (scalars.has_value()) {
+    TORCH_CHECK(scalars->scalar_type() == at::kFloat && scalars->dim() == 1 && scalars->numel() == kNumScalars &&
+                    scalars->is_contiguous() && scalars->device() == master.device(),
+                kAdamwOp, ": scalars must be a contiguous float32 [5] tensor on ", master.device(), ", got ",
+                scalars->scalar_type(), " ", scalars->sizes(), " on ", scalars->device());
+  }
+  TORCH_CHECK(block > 0 && block % 16 == 0, kAdamwOp, ": block must be a positive multiple of 16, got ", block);
   TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0, kAdamwOp, ": beta1 must be in [0, 1), got ", beta1);
   TORCH_CHECK(beta2 >= 0.0 && beta2 < 1.0, kAdamwOp, ": beta2 must be in [0, 1), got ", beta2);
-  for (size_t k = 0; k < count; ++k) {
-    TORCH_CHECK(steps[k] >= 1, kAdamwOp, ": steps[", k, "] must be >= 1, got ", steps[k]);
-  }
 }
 
-// params[k] and its optimizer state: contiguous float32 of params[k]'s 2-D shape (device: caller).
-inline void check_adamw_state(const at::Tensor& t, const at::Tensor& param, const char* name, size_t k) {
-  TORCH_CHECK(param.dim() == 2, kAdamwOp, ": params[", k, "] must be 2-D, got shape ", param.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.sizes() == param.sizes(), kAdamwOp, ": ",
-              name, "[", k, "] must be a contiguous float32 tensor of params[", k, "]'s shape ", param.sizes(),
-              ", got ", t.scalar_type(), " ", t.sizes(), t.is_contiguous() ? "" : " (not contiguous)");
-}
-
-// params[k] is the [len(rows) or out, len(cols) or in] sub-matrix of weights[k].
-inline void check_adamw_target(const at::Tensor& param, int64_t n, int64_t mcols, size_t k) {
-  TORCH_CHECK(param.size(0) == n && param.size(1) == mcols, kAdamwOp, ": params[", k, "] must have shape [", n, ", ",
-              mcols, "] (len(rows[", k, "]) or out, len(cols[", k, "]) or in), got ", param.sizes());
-}
-
-// The per-tensor constants, computed in double as torch.optim.AdamW does in Python, then fp32.
-struct AdamwTensorScalars {
-  float decay;      // 1 - lr * weight_decay
-  float step_size;  // lr / (1 - beta1^step)
-  float bc2_sqrt;   // sqrt(1 - beta2^step)
-};
-
-inline AdamwTensorScalars adamw_tensor_scalars(double lr, double weight_decay, int64_t step, double beta1,
-                                               double beta2) {
-  const double s = static_cast<double>(step);
-  return {static_cast<float>(1.0 - lr * weight_decay), static_cast<float>(lr / (1.0 - std::pow(beta1, s))),
-          static_cast<float>(std::sqrt(1.0 - std::pow(beta2, s)))};
-}
-
-inline std::string at_index(const char* name, size_t k) { return std::string(name) + "[" + std::to_string(k) + "]"; }
+inline std::string at_index(const char* name, int64_t k) { return std::string(name) + "[" + std::to_string(k) + "]"; }
 
 }  // namespace keystone

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace keystone {
@@ -235,115 +236,112 @@ AdamwSpanFn pick_adamw_span() {
   return &adamw_span_default;
 }
 
-struct AdamwTensor {
-  float* p;
-  const float* g;
-  float* m;
-  float* v;
-  float* vmax;  // nullptr without amsgrad
-  void* w;
-  at::ScalarType wdtype;
-  int64_t ws0, ws1;
-  const int64_t* rows;  // nullptr: all rows in order
-  const int64_t* cols;  // nullptr: all columns in order
-  int64_t n, mcols;
-  AdamwScalars s;
-};
-
-// w[r(i), c(j)] = rne(p[i * mcols + j]) for the flat element range [e0, e1) of one tensor.
+// w[r(i), c(j)] = rne(src[e - e0]) for the elements [e0, e1) of one [n, m] keystone tensor.
 template <typename scalar_t>
-void scatter_span(const AdamwTensor& t, int64_t e0, int64_t e1) {
-  scalar_t* w = static_cast<scalar_t*>(t.w);
-  int64_t i = e0 / t.mcols, j = e0 % t.mcols;
+void scatter_span(scalar_t* w, int64_t ws0, int64_t ws1, const int64_t* rows, const int64_t* cols, int64_t m,
+                  const float* src, int64_t e0, int64_t e1) {
+  int64_t i = e0 / m, j = e0 % m;
   for (int64_t e = e0; e < e1; ++i, j = 0) {
-    const int64_t len = std::min(t.mcols - j, e1 - e);
-    scalar_t* wrow = w + (t.rows != nullptr ? t.rows[i] : i) * t.ws0;
-    const float* src = t.p + e;
-    if (t.cols != nullptr) {
-      for (int64_t k = 0; k < len; ++k) wrow[t.cols[j + k] * t.ws1] = static_cast<scalar_t>(src[k]);
+    const int64_t len = std::min(m - j, e1 - e);
+    scalar_t* wrow = w + (rows != nullptr ? rows[i] : i) * ws0;
+    const float* s = src + (e - e0);
+    if (cols != nullptr) {
+      for (int64_t k = 0; k < len; ++k) wrow[cols[j + k] * ws1] = static_cast<scalar_t>(s[k]);
     } else {
-      for (int64_t k = 0; k < len; ++k) wrow[(j + k) * t.ws1] = static_cast<scalar_t>(src[k]);
+      for (int64_t k = 0; k < len; ++k) wrow[(j + k) * ws1] = static_cast<scalar_t>(s[k]);
     }
     e += len;
   }
 }
 
-void fused_adamw_scatter_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                             at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList weights,
-                             const c10::List<std::optional<Tensor>>& rows,
-                             const c10::List<std::optional<Tensor>>& cols, at::ArrayRef<double> lrs,
-                             at::ArrayRef<double> weight_decays, at::IntArrayRef steps, double beta1, double beta2,
-                             double eps, bool amsgrad, bool maximize, double grad_scale) {
+// One AdamW step over the flat arenas, each block of the block table followed by the scatter of
+// its elements into the tensor's frozen target (keystone_kernels/ops/layout.py has the tables).
+void fused_adamw_scatter_cpu(const Tensor& master, const Tensor& grad, const Tensor& exp_avg,
+                             const Tensor& exp_avg_sq, const std::optional<Tensor>& max_exp_avg_sq,
+                             at::TensorList weights, const Tensor& segments, const Tensor& index,
+                             const Tensor& blocks, const std::optional<Tensor>& scalars, int64_t block, double decay,
+                             double step_size, double bc2_sqrt, double grad_scale, double beta1, double beta2,
+                             double eps) {
   constexpr const char* op = kAdamwOp;
-  check_adamw_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, weights, rows, cols, lrs, weight_decays,
-                    steps, beta1, beta2, amsgrad);
-  const size_t count = params.size();
-  std::vector<AdamwTensor> tensors;
-  std::vector<Tensor> keep;  // contiguous copies of index tensors, alive until the loop ends
-  tensors.reserve(count);
-  for (size_t k = 0; k < count; ++k) {
-    const Tensor& p = params[k];
-    for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&p, "params"}, {&grads[k], "grads"},
-                                  {&exp_avgs[k], "exp_avgs"}, {&exp_avg_sqs[k], "exp_avg_sqs"}}) {
-      check_adamw_state(*t, p, name, k);
-      TORCH_CHECK(t->device().is_cpu(), op, ": ", name, "[", k, "] must be a CPU tensor, got ", t->device());
-    }
-    if (amsgrad) {
-      check_adamw_state(max_exp_avg_sqs[k], p, "max_exp_avg_sqs", k);
-      TORCH_CHECK(max_exp_avg_sqs[k].device().is_cpu(), op, ": max_exp_avg_sqs[", k, "] must be a CPU tensor");
-    }
-    const Tensor& w = weights[k];
-    check_weight(w, op, at_index("weights", k));
-    TORCH_CHECK(w.device().is_cpu(), op, ": weights[", k, "] must be a CPU tensor, got ", w.device());
-    const std::optional<Tensor> r = rows.get(k), c = cols.get(k);
-    check_index(r, op, at_index("rows", k), w.size(0));
-    check_index(c, op, at_index("cols", k), w.size(1));
-    const int64_t n = r.has_value() ? r->numel() : w.size(0);
-    const int64_t mcols = c.has_value() ? c->numel() : w.size(1);
-    check_adamw_target(p, n, mcols, k);
-    if (r.has_value()) keep.push_back(r->contiguous());
-    const int64_t* rp = r.has_value() ? keep.back().const_data_ptr<int64_t>() : nullptr;
-    if (c.has_value()) keep.push_back(c->contiguous());
-    const int64_t* cp = c.has_value() ? keep.back().const_data_ptr<int64_t>() : nullptr;
+  check_adamw_args(master, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, segments, index, blocks, scalars, block,
+                   beta1, beta2);
+  TORCH_CHECK(master.device().is_cpu(), op, ": the arenas must be CPU tensors here, got ", master.device());
+  AdamwScalars s;
+  if (scalars.has_value()) {  // capturable: the step's scalars were computed as tensors
+    const float* sv = scalars->const_data_ptr<float>();
+    if (sv[4] != 0.0f) return;  // a skipped (non-finite) step changes nothing
+    s.decay = sv[0], s.step_size = sv[1], s.bc2_sqrt = sv[2], s.gscale = sv[3];
+  } else {
+    s.decay = static_cast<float>(decay), s.step_size = static_cast<float>(step_size);
+    s.bc2_sqrt = static_cast<float>(bc2_sqrt), s.gscale = static_cast<float>(grad_scale);
+  }
+  s.w1 = static_cast<float>(1.0 - beta1);
+  s.b2 = static_cast<float>(beta2);
+  s.omb2 = static_cast<float>(1.0 - beta2);
+  s.eps = static_cast<float>(eps);
 
-    const AdamwTensorScalars ts = adamw_tensor_scalars(lrs[k], weight_decays[k], steps[k], beta1, beta2);
-    AdamwScalars s;
-    s.gscale = static_cast<float>(maximize ? -grad_scale : grad_scale);
-    s.decay = ts.decay;
-    s.w1 = static_cast<float>(1.0 - beta1);
-    s.b2 = static_cast<float>(beta2);
-    s.omb2 = static_cast<float>(1.0 - beta2);
-    s.step_size = ts.step_size;
-    s.bc2_sqrt = ts.bc2_sqrt;
-    s.eps = static_cast<float>(eps);
-    tensors.push_back(AdamwTensor{p.data_ptr<float>(), grads[k].const_data_ptr<float>(),
-                                  exp_avgs[k].data_ptr<float>(), exp_avg_sqs[k].data_ptr<float>(),
-                                  amsgrad ? max_exp_avg_sqs[k].data_ptr<float>() : nullptr, w.data_ptr(),
-                                  w.scalar_type(), w.stride(0), w.stride(1), rp, cp, n, mcols, s});
+  // O(S + K) host checks, so that a hand-made table cannot write out of bounds: every segment
+  // fits its arena, its target is the listed weight, and its indices are in range.
+  const int64_t S = segments.size(0), K = index.numel(), numel = master.numel();
+  const int64_t* seg = segments.const_data_ptr<int64_t>();
+  const int64_t* idx = index.const_data_ptr<int64_t>();
+  for (int64_t k = 0; k < S; ++k) {
+    const int64_t* r = seg + k * kSegWidth;
+    const int64_t n = r[kSegN], m = r[kSegM];
+    TORCH_CHECK(n >= 0 && m >= 0 && r[kSegOffset] >= 0 && r[kSegOffset] + n * m <= numel, op, ": segment ", k,
+                " does not fit the arenas");
+    if (r[kSegWslot] < 0) continue;
+    TORCH_CHECK(r[kSegWslot] < static_cast<int64_t>(weights.size()), op, ": segment ", k, " names weights[",
+                r[kSegWslot], "], there are ", weights.size());
+    const Tensor& w = weights[r[kSegWslot]];
+    check_weight(w, op, at_index("weights", r[kSegWslot]));
+    TORCH_CHECK(w.device().is_cpu() && w.stride(0) == r[kSegWs0] && w.stride(1) == r[kSegWs1], op,
+                ": weights[", r[kSegWslot], "] is not the CPU tensor of the layout (strides or device changed)");
+    for (const auto& [at, count, bound, name] : {std::tuple<int64_t, int64_t, int64_t, const char*>{
+                                                     r[kSegRowsAt], n, w.size(0), "row"},
+                                                 {r[kSegColsAt], m, w.size(1), "column"}}) {
+      if (at < 0) {
+        TORCH_CHECK(count <= bound, op, ": segment ", k, " has more ", name, "s than its target");
+        continue;
+      }
+      TORCH_CHECK(at + count <= K, op, ": segment ", k, "'s ", name, " indices run past the index table");
+      for (int64_t q = 0; q < count; ++q) {
+        TORCH_CHECK(idx[at + q] >= 0 && idx[at + q] < bound, op, ": segment ", k, " ", name, " index ",
+                    idx[at + q], " is out of range [0, ", bound, ")");
+      }
+    }
+  }
+  const int64_t B = blocks.size(0);
+  const int64_t* blk = blocks.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(blk[2 * b] >= 0 && blk[2 * b] < S && blk[2 * b + 1] >= 0, op, ": block ", b, " is out of range");
   }
 
-  // Work items of at most kChunk elements across all tensors, so that two cores share one big
-  // tensor as well as many small ones.
-  constexpr int64_t kChunk = 16384;
-  struct Item {
-    size_t tensor;
-    int64_t begin, end;
-  };
-  std::vector<Item> items;
-  for (size_t k = 0; k < tensors.size(); ++k) {
-    const int64_t numel = tensors[k].n * tensors[k].mcols;
-    for (int64_t b = 0; b < numel; b += kChunk) items.push_back({k, b, std::min(numel, b + kChunk)});
-  }
+  float* p = master.data_ptr<float>();
+  const float* g = grad.const_data_ptr<float>();
+  float* m1 = exp_avg.data_ptr<float>();
+  float* v = exp_avg_sq.data_ptr<float>();
+  float* vmax = max_exp_avg_sq.has_value() ? max_exp_avg_sq->data_ptr<float>() : nullptr;
+  const bool amsgrad = vmax != nullptr;
   static const AdamwSpanFn adamw_span = pick_adamw_span();
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const Item& it = items[i];
-      const AdamwTensor& t = tensors[it.tensor];
-      const int64_t b = it.begin;
-      adamw_span(t.p + b, t.g + b, t.m + b, t.v + b, t.vmax != nullptr ? t.vmax + b : nullptr, it.end - b, t.s,
-                 amsgrad);
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.wdtype, "keystone_adamw_scatter",
-                                      [&] { scatter_span<scalar_t>(t, it.begin, it.end); });
+  // A few blocks per task: two cores share one big tensor as well as many small ones.
+  const int64_t grain = std::max<int64_t>(1, 16384 / block);
+  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t* r = seg + blk[2 * b] * kSegWidth;
+      const int64_t n = r[kSegN], m = r[kSegM], start = blk[2 * b + 1];
+      const int64_t end = std::min(n * m, start + block);
+      if (start >= end) continue;
+      const int64_t e = r[kSegOffset] + start;
+      adamw_span(p + e, g + e, m1 + e, v + e, amsgrad ? vmax + e : nullptr, end - start, s, amsgrad);
+      if (r[kSegWslot] < 0) continue;
+      const Tensor& w = weights[r[kSegWslot]];
+      const int64_t* rows = r[kSegRowsAt] >= 0 ? idx + r[kSegRowsAt] : nullptr;
+      const int64_t* cols = r[kSegColsAt] >= 0 ? idx + r[kSegColsAt] : nullptr;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "keystone_adamw_scatter", [&] {
+        scatter_span<scalar_t>(static_cast<scalar_t*>(w.data_ptr()), r[kSegWs0], r[kSegWs1], rows, cols, m,
+                               p + e, start, end);
+      });
     }
   });
 }
@@ -354,10 +352,10 @@ TORCH_LIBRARY(keystone, m) {
   m.def("gather_wgrad(Tensor grad_out, Tensor x, Tensor? rows, Tensor? cols) -> Tensor");
   m.def("scatter_to_frozen(Tensor(a!) weight, Tensor src, Tensor? rows, Tensor? cols) -> ()");
   m.def(
-      "fused_adamw_scatter(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] weights, Tensor?[] rows, Tensor?[] cols, float[] lrs, "
-      "float[] weight_decays, int[] steps, float beta1, float beta2, float eps, bool amsgrad, bool maximize, "
-      "float grad_scale) -> ()");
+      "fused_adamw_scatter(Tensor(a!) master, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+      "Tensor(d!)? max_exp_avg_sq, Tensor(e!)[] weights, Tensor segments, Tensor index, Tensor blocks, "
+      "Tensor? scalars, int block, float decay, float step_size, float bc2_sqrt, float grad_scale, float beta1, "
+      "float beta2, float eps) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(keystone, CPU, m) {

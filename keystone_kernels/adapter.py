@@ -34,7 +34,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         for attr in ("weight_rows", "weight_cols", "bias_rows"):
             p = getattr(module, attr)
             if p is not None:
-                tensors[f"{name}.{attr}"] = p.detach().float().cpu().contiguous()
+                # a copy: p is a view of the optimizer's flat arena, and safetensors refuses shared storage
+                tensors[f"{name}.{attr}"] = p.detach().to("cpu", torch.float32, copy=True)
                 train_bias |= attr == "bias_rows"
     metadata = {
         "format": FORMAT,

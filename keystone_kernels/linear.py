@@ -1,6 +1,6 @@
 """KeystoneLinear: a frozen low-precision weight plus dense fp32 keystone rows / columns.
 
-For ``W: [out, in]`` with keystone rows R and columns C (DESIGN.md sections 2-3):
+For ``W: [out, in]`` with keystone rows R and columns C (docs/design.md sections 1 and 3):
 
 - ``frozen_weight``: the whole matrix in ``frozen_dtype`` (bf16 by default), a buffer. It always
   holds the current keystone values (rounded), kept in sync by :meth:`KeystoneLinear.sync_frozen`
@@ -26,6 +26,20 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from . import ops
+
+# Bumped whenever a KeystoneLinear's tensors may have moved or gone: ``.to()`` / ``.cuda()`` /
+# ``.half()`` (``_apply``), merge, or the module being freed. KeystoneAdamW compares it once per
+# step and rebuilds its flat layout when it changed, so a cached address never outlives its tensor.
+_layout_epoch = [0]
+
+
+def layout_epoch() -> int:
+    """A counter that changes whenever any KeystoneLinear's frozen or keystone tensors may have moved."""
+    return _layout_epoch[0]
+
+
+def _bump_layout_epoch() -> None:
+    _layout_epoch[0] += 1
 
 
 def _compute_view(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -127,6 +141,18 @@ class KeystoneLinear(nn.Module):
             if p is not None:
                 p._keystone_owner = weakref.ref(self)
                 p._keystone_kind = kind
+        self.retired = False
+        weakref.finalize(self, _bump_layout_epoch)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        _bump_layout_epoch()  # buffers and parameters may be new tensors now
+        return out
+
+    def retire(self) -> None:
+        """Mark this module as replaced (by :func:`~keystone_kernels.merge`): optimizers refuse its tensors."""
+        self.retired = True
+        _bump_layout_epoch()
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -1,56 +1,130 @@
 """KeystoneAdamW: AdamW over keystone tensors only, fused with the scatter into the frozen weights.
 
-``step()`` does bookkeeping (argument checks, lazy state under torch's key names ``step``,
-``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, gradient checks and clipping) and calls one fused
-op per parameter group (:func:`keystone_kernels.ops.fused_adamw_scatter`): for every keystone
-element it reads grad, m, v and the fp32 master, writes m, v and the master, and writes the
-rounded master into the frozen weight of its :class:`KeystoneLinear`.
+The keystone tensors of a param group (per device) live in flat fp32 arenas: the parameters,
+their ``.grad`` and their optimizer state (torch's key names ``step``, ``exp_avg``,
+``exp_avg_sq``, ``max_exp_avg_sq``) are views into one master, one gradient and one arena per
+moment. A :class:`~keystone_kernels.ops.layout.FlatLayout`, built on the first step, says where
+each tensor's elements go in its frozen weight. A step is then, per group: one norm of the
+gradient arena (non-finite check, clipping), and one fused op that updates the arenas and
+scatters the rounded masters into the frozen weights. The host work of a step does not grow with
+the number of tensors (docs/design.md, "The optimizer step").
 
-Parameters that do not belong to a KeystoneLinear (for instance norms a user chose to train) are
-stepped with PyTorch's own AdamW math and nothing is scattered.
+The layout is rebuilt only when it may be stale: a new param group, ``load_state_dict``, or a
+KeystoneLinear moved (``.to()``), merged or freed. ``KEYSTONE_CHECK_LAYOUT=1`` re-checks it on
+every step, for debugging.
+
+Parameters that do not belong to a KeystoneLinear (for instance norms a user chose to train) live
+in the same arenas and get the same update; nothing is scattered for them.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterable
+import os
+from collections.abc import Iterable
+from operator import attrgetter, is_
 
 import torch
 from torch import Tensor
 
 from . import ops
-from .linear import KeystoneLinear
-from .ops.reference import adamw_update
+from .linear import KeystoneLinear, layout_epoch
+from .ops.layout import FlatLayout, Target, build_flat_layout, host_scalars
 
 NONFINITE = ("raise", "skip")
+_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_grad_of = attrgetter("grad")
 
 
-def _scatter_target(p: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None] | None:
-    """(param view [n, m], frozen weight [out, in] or bias [out, 1], rows, cols) of a keystone tensor."""
+def _scatter_target(p: Tensor) -> tuple[tuple[int, int], Target | None]:
+    """(2-D shape of p in its arena, where its values go in the frozen weight or None)."""
     owner_ref = getattr(p, "_keystone_owner", None)
-    owner: KeystoneLinear | None = owner_ref() if owner_ref is not None else None
-    if owner is None:
-        return None
+    if owner_ref is None:
+        return (1, p.numel()), None
+    owner: KeystoneLinear | None = owner_ref()
+    if owner is None or owner.retired:
+        raise ValueError(
+            f"a keystone tensor of shape {tuple(p.shape)} belongs to a KeystoneLinear that was "
+            f"{'freed' if owner is None else 'merged'}: stepping it would update nothing the model uses. "
+            "Build a new KeystoneAdamW over keystone_parameters(model) of the live patched model.")
     kind = p._keystone_kind
     if kind == "rows":
-        return p, owner.frozen_weight, owner.rows, None
+        return tuple(p.shape), Target(owner.frozen_weight, owner.rows, None)
     if kind == "cols":
-        return p, owner.frozen_weight, owner.col_rows, owner.cols
-    return p.view(-1, 1), owner.frozen_bias.view(-1, 1), owner.rows, None
+        return tuple(p.shape), Target(owner.frozen_weight, owner.col_rows, owner.cols)
+    return (p.numel(), 1), Target(owner.frozen_bias.view(-1, 1), owner.rows, None)
+
+
+class _Bucket:
+    """The tensors of one param group on one device: flat arenas, their views, the layout, the step count."""
+
+    def __init__(self, group: dict, params: list[Tensor], layout: FlatLayout, arenas: dict[str, Tensor],
+                 grad_views: list[Tensor], step: Tensor):
+        self.group, self.params, self.layout, self.grad_views, self.step = group, params, layout, grad_views, step
+        self.master, self.grad = arenas["master"], arenas["grad"]
+        self.exp_avg, self.exp_avg_sq = arenas["exp_avg"], arenas["exp_avg_sq"]
+        self.max_exp_avg_sq = arenas.get("max_exp_avg_sq")
+
+    def collect_grads(self) -> bool:
+        """Make every ``p.grad`` its view of the gradient arena; False when no tensor has a gradient.
+
+        The fast path is one identity scan in C (``map``), no Python per tensor: backward accumulates
+        into the views in place. A gradient that was replaced (``p.grad = g``, or ``model.zero_grad()``
+        then backward) is copied in; a missing one counts as zero, as in DDP's bucket views.
+        """
+        if all(map(is_, map(_grad_of, self.params), self.grad_views)):
+            return True
+        found = False
+        for p, view in zip(self.params, self.grad_views):
+            g = p.grad
+            if g is view:
+                found = True
+                continue
+            if g is None:
+                view.zero_()
+            else:
+                if g.is_sparse:
+                    raise ValueError("KeystoneAdamW does not support sparse gradients")
+                view.copy_(g.view(view.shape))
+                found = True
+            p.grad = view
+        return found
+
+    def check(self) -> None:
+        """KEYSTONE_CHECK_LAYOUT=1: every parameter still a view of the arena, every target still in place."""
+        for k, p in enumerate(self.params):
+            if p.data_ptr() != self.layout.view(self.master, k).data_ptr():
+                raise RuntimeError(f"keystone layout is stale: tensor {k} of shape {tuple(p.shape)} no longer lives "
+                                   "in the optimizer's arena (was p.data replaced?)")
+            _, target = _scatter_target(p)
+            old = self.layout.targets[k]
+            if (target is None) != (old is None) or (target is not None and target.weight.data_ptr() != old.weight.data_ptr()):
+                raise RuntimeError(f"keystone layout is stale: the frozen weight of tensor {k} moved")
 
 
 class KeystoneAdamW(torch.optim.Optimizer):
-    """AdamW (decoupled weight decay, torch's math) stepping keystone tensors with one fused op per group.
+    """AdamW (decoupled weight decay, torch's math) over flat arenas, one fused op per group and device.
 
     Args:
         params: ``keystone_parameters(model)`` or param groups (dicts with ``"params"`` and their own
-            ``lr`` / ``weight_decay`` / ``betas`` / ``eps``).
-        lr, betas, eps, weight_decay, amsgrad, maximize: as ``torch.optim.AdamW``.
+            ``lr`` / ``weight_decay`` / ``betas`` / ``eps``). Every tensor must be float32.
+        lr, betas, eps, weight_decay, amsgrad, maximize: as ``torch.optim.AdamW``; ``lr`` may be a
+            0-dim tensor (read on the device in capturable mode).
         max_grad_norm: clip the global L2 norm of all gradients to this, folded into the step as a
             scale (None: no clipping). The norm before clipping is kept in ``last_grad_norm``.
-        nonfinite: ``"raise"`` (default) a ValueError naming the tensor, or ``"skip"`` the step, when
-            a gradient holds NaN or Inf; either way weights, states and step counts stay as they were.
+        nonfinite: what a step does when a gradient holds NaN or Inf: ``"raise"`` a ValueError naming
+            the tensor, or ``"skip"`` the step (counted in ``skipped_steps``); either way weights,
+            state and step counts stay as they were. Default: "raise", or "skip" when capturable.
+        capturable: never read a device value on the host in ``step()`` (torch's name): the step
+            count lives on the device, and the norm, clip scale and skip decision are computed there
+            and consumed by the kernel, so a step can be captured in a CUDA graph. ``last_grad_norm``
+            and ``skipped_steps_tensor`` are then device tensors.
         backend: op backend ("auto", "reference", "triton", "ext", or None for $KEYSTONE_BACKEND).
+
+    Gradients live in a flat buffer too: ``p.grad`` is a view that backward accumulates into, and
+    ``zero_grad()`` zeroes the buffer instead of setting grads to None. A tensor that received no
+    gradient in a step with others counts as gradient zero (its moments decay, weight decay
+    applies), as under DDP's ``gradient_as_bucket_view``; torch.optim.AdamW would skip it.
     """
 
     def __init__(
@@ -63,7 +137,8 @@ class KeystoneAdamW(torch.optim.Optimizer):
         amsgrad: bool = False,
         maximize: bool = False,
         max_grad_norm: float | None = None,
-        nonfinite: str = "raise",
+        nonfinite: str | None = None,
+        capturable: bool = False,
         backend: str | None = "auto",
     ):
         if isinstance(lr, Tensor):
@@ -79,46 +154,129 @@ class KeystoneAdamW(torch.optim.Optimizer):
             raise ValueError(f"invalid weight_decay: {weight_decay} (must be >= 0)")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"invalid max_grad_norm: {max_grad_norm} (must be > 0, or None)")
+        if nonfinite is None:
+            nonfinite = "skip" if capturable else "raise"
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
+        if capturable and nonfinite == "raise":
+            raise ValueError("nonfinite='raise' needs the host to read the gradient norm, which capturable=True "
+                             "forbids: use nonfinite='skip' (non-finite steps are skipped on the device and counted "
+                             "in skipped_steps_tensor), or capturable=False")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, capturable=bool(capturable))
         super().__init__(params, defaults)
         self.max_grad_norm = max_grad_norm
         self.nonfinite = nonfinite
+        self.capturable = bool(capturable)
         self.backend = backend
-        self.last_grad_norm: float | None = None
-        self.skipped_steps = 0
+        self._last_grad_norm: float | Tensor | None = None
+        self._skipped = 0
+        self._skipped_t: Tensor | None = None
+        self._buckets: list[_Bucket] | None = None
+        self._epoch = -1
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dtype != torch.float32:
-                    raise ValueError(f"KeystoneAdamW steps fp32 master tensors; got a {p.dtype} parameter of shape {tuple(p.shape)}")
+                    raise ValueError(f"KeystoneAdamW steps fp32 master tensors; got a {p.dtype} parameter of shape "
+                                     f"{tuple(p.shape)}")
 
-    def _grads(self) -> list[tuple[dict, Tensor, Tensor]]:
-        out = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise ValueError("KeystoneAdamW does not support sparse gradients")
-                out.append((group, p, p.grad))
-        return out
+    # ------------------------------------------------------------------ torch.optim contract
 
-    def _check_and_norm(self, grads: list[Tensor]) -> float | None:
-        """Global L2 norm when clipping, after checking every gradient is finite. None: skip this step."""
-        if not grads:
-            return 0.0
-        norms = torch._foreach_norm(grads, 2.0)
-        total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2.0)
-        total_f = float(total)  # one device sync per step; the price of raising / skipping on NaN
-        if not math.isfinite(total_f):
-            if self.nonfinite == "skip":
-                return None
-            bad = next(i for i, n in enumerate(norms) if not torch.isfinite(n))
-            raise ValueError(f"non-finite gradient (NaN or Inf) in keystone tensor {bad} of shape {tuple(grads[bad].shape)}; "
-                             "the step was not taken (weights and optimizer state unchanged). "
-                             "Pass nonfinite='skip' to skip such steps instead.")
-        return total_f
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self._buckets = None  # the new tensors need a place in the arenas
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._buckets = None  # the loaded state is copied into fresh arenas on the next step
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradient buffers (the grads stay views of them; see the class docstring)."""
+        if self._buckets is None or layout_epoch() != self._epoch:
+            return super().zero_grad(set_to_none)
+        for b in self._buckets:
+            b.grad.zero_()
+            if not all(map(is_, map(_grad_of, b.params), b.grad_views)):
+                for p, view in zip(b.params, b.grad_views):
+                    p.grad = view
+
+    @property
+    def last_grad_norm(self) -> float | Tensor | None:
+        """Global gradient norm of the last step before clipping (a device tensor when capturable)."""
+        return self._last_grad_norm
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients (reading it syncs once when capturable)."""
+        return int(self._skipped_t) if self.capturable and self._skipped_t is not None else self._skipped
+
+    @property
+    def skipped_steps_tensor(self) -> Tensor | None:
+        """Capturable mode: the device counter behind ``skipped_steps``."""
+        return self._skipped_t
+
+    # ------------------------------------------------------------------ the flat layout
+
+    def _layout(self) -> list[_Bucket]:
+        epoch = layout_epoch()
+        if self._buckets is None or epoch != self._epoch:
+            self._buckets = [b for group in self.param_groups for b in self._build_group(group)]
+            self._epoch = epoch
+        elif os.environ.get("KEYSTONE_CHECK_LAYOUT", "0") not in ("", "0"):
+            for b in self._buckets:
+                b.check()
+        return self._buckets
+
+    @torch.no_grad()
+    def _build_group(self, group: dict) -> list[_Bucket]:
+        """Move a group's tensors, grads and state into fresh arenas (per device); validate targets once."""
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for p in group["params"]:
+            if p.dtype != torch.float32:
+                raise ValueError(f"KeystoneAdamW steps fp32 master tensors; a parameter of shape {tuple(p.shape)} "
+                                 f"is now {p.dtype} (was the model cast with .half() / .to(dtype)?)")
+            by_device.setdefault(p.device, []).append(p)
+        buckets = []
+        for device, params in by_device.items():
+            shapes, targets = zip(*[_scatter_target(p) for p in params])
+            layout = build_flat_layout(list(shapes), list(targets), device)
+            amsgrad = group["amsgrad"]
+            names = ["master", "grad", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
+            arenas = {name: torch.zeros(layout.numel, dtype=torch.float32, device=device) for name in names}
+            steps, grad_views = set(), []
+            for k, p in enumerate(params):
+                state = self.state[p]
+                if state:
+                    steps.add(float(state["step"]))
+                for name in ("master", "grad") + _STATE_KEYS:
+                    if name not in arenas:
+                        continue
+                    view = layout.view(arenas[name], k).view(p.shape)
+                    if name == "grad" and p.grad is not None and p.grad.is_sparse:
+                        raise ValueError("KeystoneAdamW does not support sparse gradients")
+                    source = {"master": p.detach(), "grad": p.grad}.get(name, state.get(name))
+                    if source is not None:
+                        view.copy_(source.view(p.shape))
+                    if name == "master":
+                        p.data = view
+                    elif name == "grad":
+                        grad_views.append(view)
+                        if source is not None:  # a missing grad stays None: a step before any backward skips
+                            p.grad = view
+                    else:
+                        state[name] = view
+            if len(steps) > 1:
+                raise ValueError(f"the tensors of one param group have different step counts {sorted(steps)}; "
+                                 "KeystoneAdamW keeps one count per group: put tensors that were stepped a different "
+                                 "number of times in separate param groups")
+            step_device = device if self.capturable else "cpu"
+            step = torch.tensor(steps.pop() if steps else 0.0, dtype=torch.float32, device=step_device)
+            for p in params:
+                self.state[p]["step"] = step  # one tensor per group, shared: torch's key, O(1) to advance
+            buckets.append(_Bucket(group, params, layout, arenas, grad_views, step))
+        return buckets
+
+    # ------------------------------------------------------------------ the step
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -126,63 +284,69 @@ class KeystoneAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        entries = self._grads()
-        total = self._check_and_norm([g for _, _, g in entries])
-        if total is None:
-            self.skipped_steps += 1
+        active = [b for b in self._layout() if b.collect_grads()]
+        if not active:
             return loss
-        self.last_grad_norm = total
-        scale = 1.0
-        if self.max_grad_norm is not None and total > self.max_grad_norm:
-            scale = self.max_grad_norm / (total + 1e-6)  # torch.nn.utils.clip_grad_norm_'s formula
-        for group in self.param_groups:
-            self._step_group(group, [(p, g) for grp, p, g in entries if grp is group], scale)
+        norms = [torch.linalg.vector_norm(b.grad) for b in active]
+        total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(
+            torch.stack([n.to(norms[0].device) for n in norms]))
+        if self.capturable:
+            self._step_on_device(active, total)
+        else:
+            self._step_from_host(active, total)
         return loss
 
-    def _state_of(self, p: Tensor, amsgrad: bool) -> dict:
-        state = self.state[p]
-        if not state:
-            state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if amsgrad and "max_exp_avg_sq" not in state:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state
+    def _step_from_host(self, active: list[_Bucket], total: Tensor) -> None:
+        total_f = float(total)  # the one host sync of a step: the price of raising / skipping on NaN
+        if not math.isfinite(total_f):
+            if self.nonfinite == "skip":
+                self._skipped += 1
+                return
+            for b in active:
+                for k, view in enumerate(b.grad_views):
+                    if not bool(torch.isfinite(view).all()):
+                        raise ValueError(
+                            f"non-finite gradient (NaN or Inf) in keystone tensor {k} of shape "
+                            f"{tuple(b.params[k].shape)}; the step was not taken (weights and optimizer state "
+                            "unchanged). Pass nonfinite='skip' to skip such steps instead.")
+        self._last_grad_norm = total_f
+        scale = 1.0
+        if self.max_grad_norm is not None and total_f > self.max_grad_norm:
+            scale = self.max_grad_norm / (total_f + 1e-6)  # torch.nn.utils.clip_grad_norm_'s formula
+        for b in active:
+            g = b.group
+            beta1, beta2 = g["betas"]
+            step = int(b.step) + 1  # a CPU tensor: no device sync
+            scalars = host_scalars(float(g["lr"]), g["weight_decay"], step, beta1, beta2, g["maximize"], scale)
+            ops.fused_adamw_scatter(b.layout, b.master, b.grad, b.exp_avg, b.exp_avg_sq, b.max_exp_avg_sq,
+                                    scalars=scalars, beta1=beta1, beta2=beta2, eps=g["eps"], backend=self.backend)
+            b.step += 1  # only once the step went through
 
-    def _step_group(self, group: dict, pairs: list[tuple[Tensor, Tensor]], grad_scale: float) -> None:
-        if not pairs:
-            return
-        beta1, beta2 = group["betas"]
-        lr = float(group["lr"])
-        amsgrad, maximize = group["amsgrad"], group["maximize"]
-        fused = {k: [] for k in ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "weights", "rows", "cols", "steps")}
-        plain = []
-        for p, g in pairs:
-            state = self._state_of(p, amsgrad)
-            state["step"] += 1
-            target = _scatter_target(p)
-            if target is None:
-                plain.append((p, g, state))
-                continue
-            view, weight, rows, cols = target
-            shape = view.shape
-            fused["params"].append(view)
-            fused["grads"].append(g.view(shape))
-            fused["exp_avgs"].append(state["exp_avg"].view(shape))
-            fused["exp_avg_sqs"].append(state["exp_avg_sq"].view(shape))
-            fused["max_exp_avg_sqs"].append(state["max_exp_avg_sq"].view(shape) if amsgrad else None)
-            fused["weights"].append(weight)
-            fused["rows"].append(rows)
-            fused["cols"].append(cols)
-            fused["steps"].append(int(state["step"]))
-        if fused["params"]:
-            ops.fused_adamw_scatter(
-                fused["params"], fused["grads"], fused["exp_avgs"], fused["exp_avg_sqs"],
-                fused["weights"], fused["rows"], fused["cols"],
-                lr=lr, weight_decay=group["weight_decay"], step=fused["steps"], beta1=beta1, beta2=beta2,
-                eps=group["eps"], max_exp_avg_sqs=fused["max_exp_avg_sqs"] if amsgrad else None,
-                amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale, backend=self.backend,
-            )
-        for p, g, state in plain:  # same math, no scatter
-            adamw_update(p, g, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq") if amsgrad else None,
-                         lr, group["weight_decay"], int(state["step"]), beta1, beta2, group["eps"], maximize, grad_scale)
+    def _step_on_device(self, active: list[_Bucket], total: Tensor) -> None:
+        """Every decision as a device tensor: no .item(), float(), bool() or copy to the host."""
+        bad = (~torch.isfinite(total)).float()
+        if self._skipped_t is None:
+            self._skipped_t = torch.zeros((), dtype=torch.float32, device=total.device)
+        self._skipped_t += bad
+        self._last_grad_norm = total
+        coef = torch.ones_like(total)
+        if self.max_grad_norm is not None:
+            coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
+        for b in active:
+            g = b.group
+            beta1, beta2 = g["betas"]
+            dev = b.step.device
+            bad_b, coef_b = bad.to(dev), coef.to(dev)
+            b.step += 1.0 - bad_b
+            # In float64, like the host path (torch computes these in Python doubles), then rounded
+            # to fp32 by the stack: capturable and default steps agree to the last bit.
+            step = b.step.double().clamp(min=1.0)  # a skipped first step: keep the (unused) scalars finite
+            lr = g["lr"].to(dev, torch.float64) if isinstance(g["lr"], Tensor) else torch.full(
+                (), g["lr"], dtype=torch.float64, device=dev)
+            bc1 = 1.0 - torch.pow(beta1, step)
+            bc2_sqrt = torch.sqrt(1.0 - torch.pow(beta2, step))
+            gscale = -coef_b if g["maximize"] else coef_b
+            scalars = torch.stack([(1.0 - lr * g["weight_decay"]).float(), (lr / bc1).float(), bc2_sqrt.float(),
+                                   gscale.float(), bad_b])
+            ops.fused_adamw_scatter(b.layout, b.master, b.grad, b.exp_avg, b.exp_avg_sq, b.max_exp_avg_sq,
+                                    scalars=scalars, beta1=beta1, beta2=beta2, eps=g["eps"], backend=self.backend)

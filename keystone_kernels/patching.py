@@ -197,6 +197,7 @@ def merge(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
             if bias is not None:
                 plain.bias = nn.Parameter(bias)
         model.set_submodule(path, plain)
+        module.retire()
     for name, p in model.named_parameters():
         p.requires_grad_(state.requires_grad.get(name, True))
     del model._keystone

@@ -91,7 +91,10 @@ def test_empty_group_and_params_without_grad_are_fine(any_backend):
     opt.step()
     assert not torch.equal(params[0], snapshot[0])
     assert all(torch.equal(p, s) for p, s in zip(params[1:], snapshot[1:]))
-    assert len(opt.state) == 1
+    # state is made for every tensor at the first step (the flat arenas); a group with no gradient
+    # at all is not stepped, as torch.optim.AdamW skips tensors whose grad is None
+    assert [int(opt.state[p]["step"]) for p in params] == [1] + [0] * (len(params) - 1)
+    assert all(not bool(p.grad.any()) for p in params[1:])  # now zero views of the gradient arena
 
 
 def test_clipping_matches_clip_grad_norm_then_adamw():
@@ -161,7 +164,9 @@ def test_scheduler_zero_grad_and_plain_parameters():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 / 5)
     assert _rel(norm.detach(), twin.detach()) <= 1e-6
     opt.zero_grad(set_to_none=True)
-    assert norm.grad is None and all(p.grad is None for p in mods[0].keystone_parameters())
+    # grads are views of the flat gradient buffer: zeroed in place, not dropped (see KeystoneAdamW)
+    for p in [norm, *mods[0].keystone_parameters()]:
+        assert p.grad is not None and not bool(p.grad.any())
 
 
 def _train(model, opt, batches):
@@ -224,3 +229,182 @@ def test_non_fp32_parameters_and_sparse_grads_are_refused():
     p.grad = torch.randn(4, 3).to_sparse()
     with pytest.raises(ValueError, match="sparse gradients"):
         opt.step()
+
+
+# ---------------------------------------------------------------- flat arenas, capturable mode
+
+
+def _stepped_pair(backend, device, gen, *, capturable=False, **kw):
+    mods = _modules(torch.bfloat16, gen, device)
+    params = [p for m in mods for p in m.keystone_parameters()]
+    twins = [p.detach().clone().requires_grad_(True) for p in params]
+    opt = KeystoneAdamW(params, backend=backend, capturable=capturable, **kw)
+    ref = torch.optim.AdamW(twins, foreach=False, **{k: v for k, v in kw.items() if k != "max_grad_norm"})
+    return mods, params, twins, opt, ref
+
+
+def _random_grads(params, twins, gen, device):
+    for p, t in zip(params, twins):
+        g = torch.randn(p.shape, generator=gen)
+        p.grad, t.grad = g.to(device), g.clone().to(device)
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_capturable_matches_torch_adamw(any_backend, amsgrad):
+    backend, device = any_backend
+    gen = torch.Generator().manual_seed(12)
+    mods, params, twins, opt, ref = _stepped_pair(backend, device, gen, capturable=True, lr=3e-3, weight_decay=0.1,
+                                                  amsgrad=amsgrad, maximize=True)
+    for _ in range(10):
+        _random_grads(params, twins, gen, device)
+        opt.step()
+        ref.step()
+    for p, t in zip(params, twins):
+        assert _rel(p.detach().cpu(), t.detach().cpu()) <= 1e-6
+    assert all(s["step"].device.type == torch.device(device).type and int(s["step"]) == 10 for s in opt.state.values())
+    m = mods[0]
+    assert torch.equal(m.frozen_weight[m.rows], m.weight_rows.detach().bfloat16())
+
+
+def test_capturable_step_reads_nothing_on_the_host(monkeypatch):
+    """No .item() / float() / int() / bool() / .tolist() of a tensor inside step(): CUDA-graph safe."""
+    gen = torch.Generator().manual_seed(13)
+    mods, params, twins, opt, _ = _stepped_pair("reference", "cpu", gen, capturable=True, lr=torch.tensor(1e-2),
+                                                max_grad_norm=0.5)
+    _random_grads(params, twins, gen, "cpu")
+    opt.step()  # the first step builds the layout (allowed to read sizes once)
+    reads = []
+
+    def forbidden(name):
+        def read(self, *a, **k):
+            reads.append(name)
+            raise AssertionError(f"step() called Tensor.{name}")
+        return read
+
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden(name))
+    for _ in range(3):
+        for p in params:
+            p.grad.copy_(torch.randn(p.shape, generator=gen))
+        opt.step()
+    monkeypatch.undo()
+    assert reads == []
+    assert opt.skipped_steps == 0 and opt.last_grad_norm.dim() == 0
+
+
+def test_capturable_skips_nonfinite_steps_on_the_device(any_backend):
+    backend, device = any_backend
+    gen = torch.Generator().manual_seed(14)
+    mods, params, twins, opt, _ = _stepped_pair(backend, device, gen, capturable=True, lr=1e-2, max_grad_norm=1.0)
+    _random_grads(params, twins, gen, device)
+    opt.step()
+    snap = [p.detach().clone() for p in params], [m.frozen_weight.clone() for m in mods]
+    state = copy.deepcopy(opt.state_dict()["state"])
+    params[2].grad.view(-1)[0] = float("nan")
+    opt.step()
+    assert opt.skipped_steps == 1 and int(opt.skipped_steps_tensor) == 1
+    assert all(torch.equal(bits(p), bits(s)) for p, s in zip(params, snap[0]))
+    assert all(torch.equal(bits(m.frozen_weight), bits(w)) for m, w in zip(mods, snap[1]))
+    for k, v in opt.state_dict()["state"].items():
+        assert all(torch.equal(bits(v[n]), bits(state[k][n])) for n in v)
+
+
+def test_capturable_refuses_nonfinite_raise():
+    p = torch.nn.Parameter(torch.randn(3, 3))
+    with pytest.raises(ValueError, match="nonfinite='raise' needs the host .* capturable=True"):
+        KeystoneAdamW([p], capturable=True, nonfinite="raise")
+    assert KeystoneAdamW([p], capturable=True).nonfinite == "skip"
+
+
+def test_params_grads_and_state_are_views_of_flat_arenas():
+    gen = torch.Generator().manual_seed(15)
+    mods, params, twins, opt, _ = _stepped_pair("reference", "cpu", gen, lr=1e-2)
+    _random_grads(params, twins, gen, "cpu")
+    opt.step()
+    (bucket,) = opt._buckets
+    for p in params:
+        for t in (p, p.grad, opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]):
+            assert t.untyped_storage().data_ptr() in {a.untyped_storage().data_ptr() for a in
+                                                       (bucket.master, bucket.grad, bucket.exp_avg, bucket.exp_avg_sq)}
+    assert len({id(opt.state[p]["step"]) for p in params}) == 1  # one step count per group
+
+
+def test_steady_state_step_has_no_per_tensor_host_work(monkeypatch):
+    """After the first step: no layout rebuild, no per-tensor target lookup, one fused op per group."""
+    from keystone_kernels import optim
+
+    gen = torch.Generator().manual_seed(16)
+    mods, params, twins, opt, _ = _stepped_pair("reference", "cpu", gen, lr=1e-2)
+    _random_grads(params, twins, gen, "cpu")
+    opt.step()
+    lookups, calls = [], []
+    monkeypatch.setattr(optim, "_scatter_target", lambda p: lookups.append(p))
+    real = optim.ops.fused_adamw_scatter
+    monkeypatch.setattr(optim.ops, "fused_adamw_scatter", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for _ in range(3):
+        for p in params:  # in place, as backward accumulates into the views
+            p.grad.add_(torch.randn(p.shape, generator=gen))
+        opt.step()
+    assert lookups == [] and len(calls) == 3
+
+
+def test_layout_rebuilds_after_moves_groups_and_state_loads():
+    """add_param_group, load_state_dict and module.to() rebuild the layout; the math stays torch's."""
+    gen = torch.Generator().manual_seed(17)
+    mods, params, twins, opt, ref = _stepped_pair("reference", "cpu", gen, lr=1e-2, weight_decay=0.05)
+    first, later = params[:3], params[3:]
+    opt = KeystoneAdamW(first, lr=1e-2, weight_decay=0.05, backend="reference")
+    ref = torch.optim.AdamW(twins[:3], lr=1e-2, weight_decay=0.05, foreach=False)
+    for step in range(6):
+        if step == 2:
+            opt.add_param_group(dict(params=later))
+            ref.add_param_group(dict(params=twins[3:]))
+        if step == 3:
+            fresh = KeystoneAdamW([dict(params=first), dict(params=later)], lr=1e-2, weight_decay=0.05,
+                                  backend="reference")
+            fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
+            opt = fresh
+        if step == 4:
+            for m in mods:
+                m.to("cpu")  # _apply: tensors may have moved
+        _random_grads(params, twins, gen, "cpu")
+        opt.step()
+        ref.step()
+    for p, t in zip(params, twins):
+        assert _rel(p.detach(), t.detach()) <= 1e-6
+    for m in mods:
+        if m.weight_rows is not None:
+            assert torch.equal(m.frozen_weight[m.rows], m.weight_rows.detach().bfloat16())
+
+
+def test_stepping_a_merged_model_raises():
+    from keystone_kernels import merge
+
+    model = patch(tiny_model("llama"), KeystoneMask({("attn_q", 0, None): [1, 7]}), backend="reference")
+    opt = KeystoneAdamW(keystone_parameters(model), backend="reference")
+    model(input_ids=torch.tensor([[5, 6, 7]]), labels=torch.tensor([[5, 6, 7]])).loss.backward()
+    opt.step()
+    merge(model)
+    with pytest.raises(ValueError, match="belongs to a KeystoneLinear that was (merged|freed)"):
+        opt.step()
+
+
+def test_backward_accumulates_into_the_gradient_arena():
+    """Two micro-batches: grads land in the arena views (no copy), summed like torch's accumulation."""
+    model = patch(tiny_model("llama"), KeystoneMask({("fwd_up", 0, None): [2, 9], ("attn_o", 1, None): [3]}),
+                  backend="reference")
+    params = keystone_parameters(model)
+    opt = KeystoneAdamW(params, lr=1e-2, backend="reference")
+    ids = [torch.tensor([[5, 6, 7, 8]]), torch.tensor([[9, 3, 4, 11]])]
+    model(input_ids=ids[0], labels=ids[0]).loss.backward()
+    opt.step()
+    views = [p.grad for p in params]
+    opt.zero_grad()
+    want = None
+    for x in ids:
+        model(input_ids=x, labels=x).loss.backward()
+        grads = [torch.autograd.grad(model(input_ids=x, labels=x).loss, params)]
+        want = grads[0] if want is None else [a + b for a, b in zip(want, grads[0])]
+    assert all(p.grad is v for p, v in zip(params, views))
+    for p, w in zip(params, want):
+        torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-7)

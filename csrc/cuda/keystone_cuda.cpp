@@ -111,94 +111,48 @@ void scatter_to_frozen_cuda(const Tensor& weight, const Tensor& src, const std::
                op);
 }
 
-void fused_adamw_scatter_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                              at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList weights,
-                              const c10::List<std::optional<Tensor>>& rows,
-                              const c10::List<std::optional<Tensor>>& cols, at::ArrayRef<double> lrs,
-                              at::ArrayRef<double> weight_decays, at::IntArrayRef steps, double beta1, double beta2,
-                              double eps, bool amsgrad, bool maximize, double grad_scale) {
+// The tables live on the device and were validated once by keystone_kernels/ops/layout.py; here
+// only dtypes, shapes and devices are checked (reading their values would cost a device sync).
+void fused_adamw_scatter_cuda(const Tensor& master, const Tensor& grad, const Tensor& exp_avg,
+                              const Tensor& exp_avg_sq, const std::optional<Tensor>& max_exp_avg_sq,
+                              at::TensorList weights, const Tensor& segments, const Tensor& index,
+                              const Tensor& blocks, const std::optional<Tensor>& scalars, int64_t block,
+                              double decay, double step_size, double bc2_sqrt, double grad_scale, double beta1,
+                              double beta2, double eps) {
   constexpr const char* op = kAdamwOp;
-  check_adamw_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, weights, rows, cols, lrs, weight_decays,
-                    steps, beta1, beta2, amsgrad);
-  const size_t count = params.size();
-  if (count == 0) return;
-  const Tensor& ref = params[0];
-  TORCH_CHECK(ref.is_cuda(), op, ": params[0] must be a CUDA tensor, got ", ref.device());
-  const c10::cuda::CUDAGuard guard(ref.device());
-
-  std::vector<KsAdamwTensor> tensors;
-  std::vector<KsAdamwBlock> blocks;
-  std::vector<Tensor> keep;  // contiguous index tensors, alive until the launch is queued
-  tensors.reserve(count);
-  for (size_t k = 0; k < count; ++k) {
-    const Tensor& p = params[k];
-    for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&p, "params"}, {&grads[k], "grads"},
-                                  {&exp_avgs[k], "exp_avgs"}, {&exp_avg_sqs[k], "exp_avg_sqs"}}) {
-      check_adamw_state(*t, p, name, k);
-      check_cuda(*t, ref, op, at_index(name, k));
-    }
-    if (amsgrad) {
-      check_adamw_state(max_exp_avg_sqs[k], p, "max_exp_avg_sqs", k);
-      check_cuda(max_exp_avg_sqs[k], ref, op, at_index("max_exp_avg_sqs", k));
-    }
-    const Tensor& w = weights[k];
-    TORCH_CHECK(w.dim() == 2, op, ": weights[", k, "] must be 2-D [out, in], got shape ", w.sizes());
-    const int wdtype = ks_dtype(w.scalar_type(), op, at_index("weights", k));
-    check_cuda(w, ref, op, at_index("weights", k));
-    Tensor r_c, c_c;
-    const int64_t* rp = index_ptr(rows.get(k), ref, op, at_index("rows", k), r_c);
-    const int64_t* cp = index_ptr(cols.get(k), ref, op, at_index("cols", k), c_c);
-    if (rp != nullptr) keep.push_back(r_c);
-    if (cp != nullptr) keep.push_back(c_c);
-    const int64_t n = rp != nullptr ? r_c.numel() : w.size(0);
-    const int64_t mcols = cp != nullptr ? c_c.numel() : w.size(1);
-    check_adamw_target(p, n, mcols, k);
-
-    const AdamwTensorScalars ts = adamw_tensor_scalars(lrs[k], weight_decays[k], steps[k], beta1, beta2);
-    KsAdamwTensor t{};
-    t.p = p.data_ptr<float>();
-    t.g = grads[k].const_data_ptr<float>();
-    t.m = exp_avgs[k].data_ptr<float>();
-    t.v = exp_avg_sqs[k].data_ptr<float>();
-    t.vmax = amsgrad ? max_exp_avg_sqs[k].data_ptr<float>() : nullptr;
-    t.w = w.data_ptr();
-    t.rows = rp;
-    t.cols = cp;
-    t.n = n;
-    t.mcols = mcols;
-    t.ws0 = w.stride(0);
-    t.ws1 = w.stride(1);
-    t.decay = ts.decay;
-    t.step_size = ts.step_size;
-    t.bc2_sqrt = ts.bc2_sqrt;
-    t.wdtype = wdtype;
-    const int64_t index = static_cast<int64_t>(tensors.size());
-    tensors.push_back(t);
-    for (int64_t start = 0; start < n * mcols; start += KS_ADAMW_CHUNK) blocks.push_back({index, start});
+  check_adamw_args(master, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, segments, index, blocks, scalars, block,
+                   beta1, beta2);
+  TORCH_CHECK(master.is_cuda(), op, ": master must be a CUDA tensor, got ", master.device());
+  TORCH_CHECK(block == KS_ADAMW_CHUNK, op, ": the block table was built for ", block,
+              "-element blocks; the CUDA kernel takes ", KS_ADAMW_CHUNK);
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(master.const_data_ptr()) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(grad.const_data_ptr()) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(exp_avg.const_data_ptr()) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(exp_avg_sq.const_data_ptr()) % 16 == 0 &&
+                  (!max_exp_avg_sq.has_value() ||
+                   reinterpret_cast<uintptr_t>(max_exp_avg_sq->const_data_ptr()) % 16 == 0),
+              op, ": the arenas must be 16-byte aligned (allocate them whole, not as offset views)");
+  for (size_t k = 0; k < weights.size(); ++k) {
+    ks_dtype(weights[k].scalar_type(), op, at_index("weights", static_cast<int64_t>(k)));
+    check_cuda(weights[k], master, op, at_index("weights", static_cast<int64_t>(k)));
   }
-  if (blocks.empty()) return;
-
-  // One host-to-device copy of both tables, from pinned memory, ordered on the current stream.
-  const size_t tensor_bytes = tensors.size() * sizeof(KsAdamwTensor);
-  const size_t block_bytes = blocks.size() * sizeof(KsAdamwBlock);
-  static_assert(sizeof(KsAdamwTensor) % alignof(KsAdamwBlock) == 0, "blocks follow tensors, aligned");
-  Tensor host = at::empty({static_cast<int64_t>(tensor_bytes + block_bytes)},
-                          at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(host.data_ptr(), tensors.data(), tensor_bytes);
-  std::memcpy(static_cast<char*>(host.data_ptr()) + tensor_bytes, blocks.data(), block_bytes);
-  const Tensor dev = host.to(ref.device(), /*non_blocking=*/true);
-  const auto* dev_tensors = reinterpret_cast<const KsAdamwTensor*>(dev.const_data_ptr());
-  const auto* dev_blocks =
-      reinterpret_cast<const KsAdamwBlock*>(static_cast<const char*>(dev.const_data_ptr()) + tensor_bytes);
-
+  if (blocks.size(0) == 0) return;
+  const c10::cuda::CUDAGuard guard(master.device());
+  KsAdamwArenas a{master.data_ptr<float>(), grad.const_data_ptr<float>(), exp_avg.data_ptr<float>(),
+                  exp_avg_sq.data_ptr<float>(),
+                  max_exp_avg_sq.has_value() ? max_exp_avg_sq->data_ptr<float>() : nullptr};
   KsAdamwScalars s{};
-  s.gscale = static_cast<float>(maximize ? -grad_scale : grad_scale);
+  s.decay = static_cast<float>(decay);
+  s.step_size = static_cast<float>(step_size);
+  s.bc2_sqrt = static_cast<float>(bc2_sqrt);
+  s.gscale = static_cast<float>(grad_scale);
   s.w1 = static_cast<float>(1.0 - beta1);
   s.beta2 = static_cast<float>(beta2);
   s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
   s.eps = static_cast<float>(eps);
-  s.amsgrad = amsgrad ? 1 : 0;
-  check_launch(ks_fused_adamw_scatter_launch(dev_tensors, dev_blocks, static_cast<int64_t>(blocks.size()), s,
+  s.device_scalars = scalars.has_value() ? scalars->const_data_ptr<float>() : nullptr;
+  check_launch(ks_fused_adamw_scatter_launch(a, segments.const_data_ptr<int64_t>(), index.const_data_ptr<int64_t>(),
+                                             blocks.const_data_ptr<int64_t>(), blocks.size(0), s,
                                              c10::cuda::getCurrentCUDAStream().stream()),
                op);
 }

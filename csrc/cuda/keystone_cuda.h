@@ -11,40 +11,30 @@
 // Element types of the frozen weight / activations.
 enum KsDtype : int { KS_FLOAT32 = 0, KS_BFLOAT16 = 1, KS_FLOAT16 = 2 };
 
-// Fused AdamW + scatter, multi-tensor: one entry per keystone tensor (all fp32 arrays contiguous
-// [n, mcols]), shared by host (binding) and device (kernel): keep it plain data.
-struct KsAdamwTensor {
+// Fused AdamW + scatter over flat arenas (keystone_kernels/ops/layout.py): plain data shared by
+// host (binding) and device (kernel).
+struct KsAdamwArenas {
   float* p;
   const float* g;
   float* m;
   float* v;
-  float* vmax;          // nullptr without amsgrad
-  void* w;              // frozen weight, element type wdtype, strides ws0 / ws1
-  const int64_t* rows;  // nullptr: all rows in order
-  const int64_t* cols;  // nullptr: all columns in order
-  int64_t n, mcols, ws0, ws1;
-  float decay;      // 1 - lr * weight_decay
-  float step_size;  // lr / (1 - beta1^step)
-  float bc2_sqrt;   // sqrt(1 - beta2^step)
-  int32_t wdtype;   // KsDtype
-};
-
-// One CUDA block's work: elements [start, start + KS_ADAMW_CHUNK) of tensor `tensor`.
-struct KsAdamwBlock {
-  int64_t tensor;
-  int64_t start;  // a multiple of KS_ADAMW_CHUNK
+  float* vmax;  // nullptr without amsgrad
 };
 
 struct KsAdamwScalars {
-  float gscale;  // grad_scale, negated for maximize
-  float w1;      // 1 - beta1
+  float decay;      // 1 - lr * weight_decay
+  float step_size;  // lr / (1 - beta1^step)
+  float bc2_sqrt;   // sqrt(1 - beta2^step)
+  float gscale;     // grad_scale, negated for maximize
+  float w1;         // 1 - beta1
   float beta2;
   float one_minus_beta2;
   float eps;
-  int32_t amsgrad;
+  const float* device_scalars;  // capturable: [decay, step_size, bc2_sqrt, gscale, skip] on the device, else nullptr
 };
 
-#define KS_ADAMW_CHUNK 4096
+#define KS_ADAMW_CHUNK 2048  // elements per row of the block table: keystone_kernels.ops.layout.BLOCK
+#define KS_SEG_WIDTH 10      // columns of the segments table: keystone::kSegWidth
 
 extern "C" {
 
@@ -66,8 +56,9 @@ cudaError_t ks_scatter_to_frozen_launch(void* w, int dtype, int64_t ws0, int64_t
                                         const int64_t* rows, const int64_t* cols, int64_t n, int64_t m,
                                         cudaStream_t stream);
 
-// One launch for every tensor: gridDim.x = num_blocks; tensors and blocks are device arrays.
-cudaError_t ks_fused_adamw_scatter_launch(const KsAdamwTensor* tensors, const KsAdamwBlock* blocks,
-                                          int64_t num_blocks, KsAdamwScalars scalars, cudaStream_t stream);
+// One launch for every tensor: gridDim.x = num_blocks; segments, index and blocks are device tables.
+cudaError_t ks_fused_adamw_scatter_launch(KsAdamwArenas arenas, const int64_t* segments, const int64_t* index,
+                                          const int64_t* blocks, int64_t num_blocks, KsAdamwScalars scalars,
+                                          cudaStream_t stream);
 
 }  // extern "C"

@@ -13,7 +13,6 @@ that a GPU training loop pays the device sync of that check only on the first st
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 import warnings
@@ -26,6 +25,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 
 from . import reference
+from .layout import SCALARS, FlatLayout
 
 __all__ = [
     "BACKENDS",
@@ -44,12 +44,16 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # --------------------------------------------------------------------------- backend choice
 
 
-@functools.lru_cache(maxsize=None)
+_triton_import: list[ModuleType | None] = []  # [] until tried, then [module or None]
+
+
 def _triton_module() -> ModuleType | None:
-    try:
-        return importlib.import_module("keystone_kernels.ops.triton")
-    except ImportError:
-        return None
+    if not _triton_import:
+        try:
+            _triton_import.append(importlib.import_module("keystone_kernels.ops.triton"))
+        except ImportError:
+            _triton_import.append(None)
+    return _triton_import[0]
 
 
 def _triton_usable(device: torch.device) -> tuple[bool, str]:
@@ -191,8 +195,27 @@ def _check_index(name: str, idx, bound: int, device: torch.device, *, unique: bo
     _checked_indices[key] = (ref, idx._version, bound, unique)
 
 
+# (backend argument, device type, $KEYSTONE_BACKEND) -> backend module. A plain dict lookup, so that
+# the hot path (every op call, and torch.compile tracing it) resolves a backend once per process.
+_routes: dict[tuple[str | None, str, str | None], ModuleType] = {}
+
+
+@torch.compiler.assume_constant_result
+def _resolve_route(backend: str | None, device_type: str, env: str | None) -> str:
+    """The backend name for a route, importing its module. torch.compile runs this eagerly and takes
+    its result as a constant, so that a first op call inside a compiled region (which may import
+    Triton, build the extension or warn) does not break the graph. ``env`` is only part of the key."""
+    name = resolve_backend(backend, device_type)
+    _backend_module(name)
+    return name
+
+
 def _route(backend: str | None, device: torch.device) -> ModuleType:
-    return _backend_module(resolve_backend(backend, device))
+    key = (backend, device.type, os.environ.get(_ENV))
+    module = _routes.get(key)
+    if module is None:
+        module = _routes[key] = _backend_module(_resolve_route(*key))
+    return module
 
 
 # --------------------------------------------------------------------------- public ops
@@ -224,20 +247,19 @@ def gather_wgrad(
     return _route(backend, grad_out.device).gather_wgrad(grad_out, x, rows, cols)
 
 
-def _check_scatter_target(weight, src, rows, cols, *, suffix: str = "", src_name: str = "src") -> None:
-    """weight [out, in] float; src fp32 [len(rows) or out, len(cols) or in]; unique in-range indices.
+def _check_target(weight, rows, cols, shape: tuple[int, int], *, suffix: str = "", src_name: str = "src") -> None:
+    """weight [out, in] float; unique in-range indices; shape == (len(rows) or out, len(cols) or in).
 
     ``suffix`` (e.g. "[3]") names the element of a list argument in the errors.
     """
     _check_tensor(f"weight{suffix}", weight, dim=2, dtypes=_FLOAT_DTYPES)
-    _check_tensor(f"{src_name}{suffix}", src, dim=2, dtypes=(torch.float32,), device=weight.device)
     _check_index(f"rows{suffix}", rows, weight.shape[0], weight.device, unique=True)
     _check_index(f"cols{suffix}", cols, weight.shape[1], weight.device, unique=True)
     n = weight.shape[0] if rows is None else rows.shape[0]
     m = weight.shape[1] if cols is None else cols.shape[0]
-    if tuple(src.shape) != (n, m):
+    if tuple(shape) != (n, m):
         raise ValueError(f"{src_name}{suffix} must have shape ({n}, {m}) = (len(rows) or out, len(cols) or in), "
-                         f"got {tuple(src.shape)}")
+                         f"got {tuple(shape)}")
 
 
 def scatter_to_frozen(
@@ -254,114 +276,66 @@ def scatter_to_frozen(
     rows / cols: sorted unique int64 indices, or None for all. Every other element of weight is
     left bit-identical.
     """
-    _check_scatter_target(weight, src, rows, cols)
+    _check_tensor("src", src, dim=2, dtypes=(torch.float32,), device=getattr(weight, "device", None))
+    _check_target(weight, rows, cols, tuple(src.shape))
     _route(backend, weight.device).scatter_to_frozen(weight, src, rows, cols)
 
 
-def _per_tensor(name: str, value, count: int, convert) -> list:
-    """A scalar broadcast to ``count`` values, or a sequence of exactly ``count``; each converted."""
-    values = list(value) if isinstance(value, Sequence) else [value] * count
-    if len(values) != count:
-        raise ValueError(f"{name} must be one number or one per tensor ({count}), got {len(values)}")
-    out = []
-    for i, v in enumerate(values):
-        try:
-            out.append(convert(v))
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{name}[{i}] = {v!r}: {err}") from None
-    return out
-
-
-def _as_step(v) -> int:
-    f = float(v)  # ints, floats and 0-dim tensors (torch keeps optimizer steps as float tensors)
-    if not f.is_integer() or f < 1:
-        raise ValueError("a step must be a whole number >= 1 (the 1-based count of this update)")
-    return int(f)
-
-
 def fused_adamw_scatter(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    weights: Sequence[Tensor],
-    rows: Sequence[Tensor | None],
-    cols: Sequence[Tensor | None],
+    layout: FlatLayout,
+    master: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Tensor | None = None,
     *,
-    lr: float | Sequence[float],
-    weight_decay: float | Sequence[float] = 0.01,
-    step: int | Sequence[int],
+    scalars: tuple[float, float, float, float] | Tensor,
     beta1: float = 0.9,
     beta2: float = 0.999,
     eps: float = 1e-8,
-    max_exp_avg_sqs: Sequence[Tensor] | None = None,
-    amsgrad: bool = False,
-    maximize: bool = False,
-    grad_scale: float = 1.0,
     backend: str | None = None,
 ) -> None:
-    """One AdamW step on every keystone tensor, then the new values scattered into the frozen weights.
+    """One AdamW step over flat arenas, then every tensor's new values scattered into its frozen weight.
 
-    Per tensor k, elementwise, the math of ``torch.optim.AdamW``::
+    Elementwise over the arenas, the math of ``torch.optim.AdamW``::
 
-        g = grads[k] * grad_scale                (negated when maximize)
-        params[k] *= 1 - lr[k] * weight_decay[k]
-        exp_avgs[k] = lerp(exp_avgs[k], g, 1 - beta1)
-        exp_avg_sqs[k] = beta2 * exp_avg_sqs[k] + (1 - beta2) * g * g
-        max_exp_avg_sqs[k] = max(max_exp_avg_sqs[k], exp_avg_sqs[k])    (amsgrad; used below)
-        params[k] -= lr[k] / bc1 * exp_avgs[k] / (sqrt(exp_avg_sqs[k]) / sqrt(bc2) + eps)
-        weights[k][rows[k]][:, cols[k]] = rne(params[k])
+        g = grad * grad_scale                      (grad_scale negated for maximize)
+        master *= decay                            decay = 1 - lr * weight_decay
+        exp_avg = lerp(exp_avg, g, 1 - beta1)
+        exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * g * g
+        max_exp_avg_sq = max(max_exp_avg_sq, exp_avg_sq)   (amsgrad; replaces exp_avg_sq below)
+        master -= step_size * exp_avg / (sqrt(exp_avg_sq) / bc2_sqrt + eps)
+        target_k[rows_k[i], cols_k[j]] = rne(tensor_k[i, j])   for every tensor k with a target
 
-    with ``bc1 = 1 - beta1**step[k]``, ``bc2 = 1 - beta2**step[k]``.
-
-    params, grads, exp_avgs, exp_avg_sqs (, max_exp_avg_sqs): float32 [n_k, m_k], contiguous, one
-    device. weights[k]: the frozen [out, in] float32 / bfloat16 / float16 weight that params[k]
-    lives in at (rows[k], cols[k]) (sorted unique int64, or None for all); several tensors may
-    share one weight as long as their elements are disjoint (a row tensor and the column tensor
-    of the other rows). lr, weight_decay: one float or one per tensor (param groups); step: the
-    1-based number of this update, one or one per tensor, already incremented by the caller.
+    master, grad, exp_avg, exp_avg_sq (, max_exp_avg_sq): float32 ``[layout.numel]``, contiguous, on
+    ``layout.device`` (built by :func:`~keystone_kernels.ops.layout.build_flat_layout`, which
+    validated every target once). ``scalars``: ``(decay, step_size, bc2_sqrt, grad_scale)`` as
+    floats (:func:`~keystone_kernels.ops.layout.host_scalars`), or a float32 ``[5]`` tensor on the
+    arenas' device holding those four and ``skip`` (non-zero: the step changes nothing), for steps
+    that never read a device value on the host (``capturable``). Host work is O(1) in the number of
+    tensors: nothing here loops over them.
     """
-    lists = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
-             "weights": weights, "rows": rows, "cols": cols}
-    if amsgrad:
-        if max_exp_avg_sqs is None:
-            raise ValueError("amsgrad=True needs max_exp_avg_sqs (one float32 tensor per param)")
-        lists["max_exp_avg_sqs"] = max_exp_avg_sqs
-    elif max_exp_avg_sqs:
-        raise ValueError("max_exp_avg_sqs given but amsgrad=False: pass amsgrad=True to use them")
-    for name, value in lists.items():
-        if isinstance(value, Tensor) or not isinstance(value, Sequence):
-            raise ValueError(f"{name} must be a list or tuple, got {type(value).__name__}")
-    count = len(params)
-    for name, value in lists.items():
-        if len(value) != count:
-            raise ValueError(f"{name} has {len(value)} entries, params has {count}: one per keystone tensor")
+    arenas = {"master": master, "grad": grad, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    if max_exp_avg_sq is not None:
+        arenas["max_exp_avg_sq"] = max_exp_avg_sq
+    for name, t in arenas.items():
+        if not isinstance(t, Tensor) or t.dtype != torch.float32 or t.dim() != 1 or t.numel() != layout.numel:
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a 1-D float32 arena of {layout.numel} elements, got {got}")
+        if t.device != layout.device or not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous on {layout.device}, got {t.device}"
+                             f"{'' if t.is_contiguous() else ' (not contiguous)'}")
     for name, value in (("beta1", beta1), ("beta2", beta2)):
         if not 0.0 <= float(value) < 1.0:
             raise ValueError(f"{name} must be in [0, 1), got {value}")
     if not float(eps) >= 0.0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    lrs = _per_tensor("lr", lr, count, float)
-    wds = _per_tensor("weight_decay", weight_decay, count, float)
-    steps = _per_tensor("step", step, count, _as_step)
-    if count == 0:
-        return
-    device = params[0].device if isinstance(params[0], Tensor) else None
-    state = ["grads", "exp_avgs", "exp_avg_sqs"] + (["max_exp_avg_sqs"] if amsgrad else [])
-    for k in range(count):
-        p = params[k]
-        _check_tensor(f"params[{k}]", p, dim=2, dtypes=(torch.float32,), device=device)
-        if not p.is_contiguous():
-            raise ValueError(f"params[{k}] must be contiguous")
-        for name in state:
-            t = lists[name][k]
-            _check_tensor(f"{name}[{k}]", t, dim=2, dtypes=(torch.float32,), device=device)
-            if t.shape != p.shape or not t.is_contiguous():
-                raise ValueError(f"{name}[{k}] must be contiguous with params[{k}]'s shape {tuple(p.shape)}, "
-                                 f"got {tuple(t.shape)}{'' if t.is_contiguous() else ' (not contiguous)'}")
-        _check_scatter_target(weights[k], p, rows[k], cols[k], suffix=f"[{k}]", src_name="params")
-    _route(backend, device).fused_adamw_scatter(
-        list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs or []), list(weights),
-        list(rows), list(cols), lrs, wds, steps, float(beta1), float(beta2), float(eps), bool(amsgrad),
-        bool(maximize), float(grad_scale),
+    if isinstance(scalars, Tensor):
+        if scalars.dtype != torch.float32 or tuple(scalars.shape) != (len(SCALARS),) or scalars.device != layout.device:
+            raise ValueError(f"scalars must be a float32 tensor of shape ({len(SCALARS)},) ({', '.join(SCALARS)}) on "
+                             f"{layout.device}, got {scalars.dtype} {tuple(scalars.shape)} on {scalars.device}")
+    elif len(scalars) != 4:
+        raise ValueError("scalars must be (decay, step_size, bc2_sqrt, grad_scale) or a float32 [5] tensor")
+    _route(backend, layout.device).fused_adamw_scatter(
+        layout, master, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars, float(beta1), float(beta2), float(eps)
     )

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from .layout import BLOCK
+
 __all__ = [
     "ExtensionUnavailable",
     "csrc_dir",
@@ -222,8 +224,8 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake(f"{_NAMESPACE}::fused_adamw_scatter")
-    def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, weights, rows, cols, lrs, weight_decays, steps,
-          beta1, beta2, eps, amsgrad, maximize, grad_scale):
+    def _(master, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, weights, segments, index, blocks, scalars, block, decay,
+          step_size, bc2_sqrt, grad_scale, beta1, beta2, eps):
         return None
 
     _fakes_registered = True
@@ -286,9 +288,10 @@ def scatter_to_frozen(weight, src, rows, cols):
     torch.ops.keystone.scatter_to_frozen(weight, src, rows, cols)
 
 
-def fused_adamw_scatter(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, weights, rows, cols, lrs,
-                        weight_decays, steps, beta1, beta2, eps, amsgrad, maximize, grad_scale):
+def fused_adamw_scatter(layout, master, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars, beta1, beta2, eps):
     load()
-    torch.ops.keystone.fused_adamw_scatter(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, weights, rows,
-                                           cols, lrs, weight_decays, steps, beta1, beta2, eps, amsgrad, maximize,
-                                           grad_scale)
+    host = (0.0, 0.0, 0.0, 0.0) if isinstance(scalars, torch.Tensor) else scalars
+    torch.ops.keystone.fused_adamw_scatter(
+        master, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, layout.weights, layout.segments, layout.index,
+        layout.blocks, scalars if isinstance(scalars, torch.Tensor) else None, BLOCK, *host, beta1, beta2, eps,
+    )

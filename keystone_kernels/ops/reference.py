@@ -7,12 +7,12 @@ is the dense sub-matrix ``W[rows][:, cols]`` of a frozen weight ``W: [out, in]``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
-__all__ = ["gather_wgrad", "scatter_to_frozen", "fused_adamw_scatter", "adamw_update"]
+from .layout import FlatLayout
+
+__all__ = ["gather_wgrad", "scatter_to_frozen", "fused_adamw_scatter", "adamw_math"]
 
 
 def gather_wgrad(grad_out: Tensor, x: Tensor, rows: Tensor | None, cols: Tensor | None) -> Tensor:
@@ -40,60 +40,39 @@ def scatter_to_frozen(weight: Tensor, src: Tensor, rows: Tensor | None, cols: Te
         weight.index_put_((rows[:, None], cols[None, :]), vals)
 
 
-def fused_adamw_scatter(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    max_exp_avg_sqs: Sequence[Tensor],
-    weights: Sequence[Tensor],
-    rows: Sequence[Tensor | None],
-    cols: Sequence[Tensor | None],
-    lrs: Sequence[float],
-    weight_decays: Sequence[float],
-    steps: Sequence[int],
-    beta1: float,
-    beta2: float,
-    eps: float,
-    amsgrad: bool,
-    maximize: bool,
-    grad_scale: float,
-) -> None:
-    """One AdamW step per keystone tensor, then scatter of the new master into its frozen weight.
+def fused_adamw_scatter(layout: FlatLayout, master: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+                        max_exp_avg_sq: Tensor | None, scalars: tuple[float, float, float, float] | Tensor,
+                        beta1: float, beta2: float, eps: float) -> None:
+    """One AdamW step over the flat arenas, then the scatter of every tensor into its frozen target.
 
     The math of ``torch.optim.AdamW`` (single-tensor path), written with the same operations::
 
-        g = grad * grad_scale            (negated when maximize)
-        p = p * (1 - lr * wd)
+        g = grad * grad_scale            (grad_scale negated for maximize)
+        p = p * decay                    (decay = 1 - lr * wd)
         m = lerp(m, g, 1 - beta1)
         v = beta2 * v + (1 - beta2) * g * g
         vmax = max(vmax, v)              (amsgrad only; vmax replaces v below)
-        p = p - (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps)
-        weight[rows, cols] = rne(p)
+        p = p - step_size * m / (sqrt(v) / bc2_sqrt + eps)
+        target[rows, cols] = rne(p)
 
-    with ``bc1 = 1 - beta1**step``, ``bc2 = 1 - beta2**step`` and ``step`` the 1-based number of
-    this update (already incremented by the caller).
+    ``scalars``: host floats ``(decay, step_size, bc2_sqrt, grad_scale)``, or a float32 ``[5]``
+    tensor that adds ``skip`` (capturable steps: computed without reading any value on the host).
     """
-    for i, p in enumerate(params):
-        adamw_update(p, grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsgrad else None,
-                     float(lrs[i]), float(weight_decays[i]), int(steps[i]), beta1, beta2, eps, maximize, grad_scale)
-        scatter_to_frozen(weights[i], p, rows[i], cols[i])
+    if isinstance(scalars, Tensor):
+        _adamw_device_scalars(master, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars, beta1, beta2, eps)
+    else:
+        adamw_math(master, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *scalars, beta1, beta2, eps)
+    for k, target in enumerate(layout.targets):
+        if target is not None:
+            scatter_to_frozen(target.weight, layout.view(master, k), target.rows, target.cols)
 
 
-def adamw_update(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Tensor | None,
-                 lr: float, weight_decay: float, step: int, beta1: float, beta2: float, eps: float,
-                 maximize: bool = False, grad_scale: float = 1.0) -> None:
-    """One in-place AdamW update of one tensor (the math above, without the scatter).
-
-    ``max_exp_avg_sq`` is given for amsgrad and None otherwise. Also used by KeystoneAdamW for
-    parameters that live outside a KeystoneLinear.
-    """
+def adamw_math(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Tensor | None,
+               decay: float, step_size: float, bc2_sqrt: float, grad_scale: float, beta1: float, beta2: float,
+               eps: float) -> None:
+    """One in-place AdamW update of one tensor (or arena) with host scalars (see fused_adamw_scatter)."""
     g = grad if grad_scale == 1.0 else grad * grad_scale
-    if maximize:
-        g = -g
-    bc1 = 1.0 - beta1**step
-    bc2_sqrt = (1.0 - beta2**step) ** 0.5
-    p.mul_(1.0 - lr * weight_decay)
+    p.mul_(decay)
     exp_avg.lerp_(g, 1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
     v = exp_avg_sq
@@ -101,4 +80,25 @@ def adamw_update(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, m
         torch.maximum(max_exp_avg_sq, v, out=max_exp_avg_sq)
         v = max_exp_avg_sq
     denom = (v.sqrt() / bc2_sqrt).add_(eps)
-    p.addcdiv_(exp_avg, denom, value=-lr / bc1)
+    p.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+def _adamw_device_scalars(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Tensor | None,
+                          scalars: Tensor, beta1: float, beta2: float, eps: float) -> None:
+    """adamw_math with the scalars in a device tensor; nothing changes where ``skip`` is set (no host sync)."""
+    decay, step_size, bc2_sqrt, grad_scale, skip = scalars.unbind(0)
+    keep = skip != 0
+    g = grad * grad_scale
+    new_p = p * decay
+    new_m = exp_avg.lerp(g, 1.0 - beta1)
+    new_v = (exp_avg_sq * beta2).addcmul_(g, g, value=1.0 - beta2)
+    v = new_v
+    if max_exp_avg_sq is not None:
+        v = torch.maximum(max_exp_avg_sq, new_v)
+        max_exp_avg_sq.copy_(torch.where(keep, max_exp_avg_sq, v))
+    denom = (v.sqrt() / bc2_sqrt).add_(eps)
+    new_p -= step_size * (new_m / denom)
+    p.copy_(torch.where(keep, p, new_p))
+    exp_avg.copy_(torch.where(keep, exp_avg, new_m))
+    exp_avg_sq.copy_(torch.where(keep, exp_avg_sq, new_v))
+

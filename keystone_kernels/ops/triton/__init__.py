@@ -1,7 +1,23 @@
 """The ``triton`` backend: Triton kernels registered as ``keystone_triton::*`` ops.
 
-Runs on CUDA tensors; on CPU tensors only under ``TRITON_INTERPRET=1`` (tests). The ops are
-``torch.library.triton_op``s so that torch.compile can see into them on the GPU.
+Runs on CUDA tensors; on CPU tensors only under ``TRITON_INTERPRET=1`` (tests). Kernels launch on
+their tensors' device (``cuda:1`` included), whatever the current device.
+
+Registration: every op is one opaque ``torch.library.custom_op`` with a ``register_fake`` shape
+function, on the GPU and under the interpreter alike. torch.compile puts the op in its graph
+as a single call (no graph break) and runs the launcher at run time.
+
+The alternative, ``torch.library.triton_op`` + ``wrap_triton``, lets Inductor see the kernel and
+emit its launch in the generated code. We do not use it because:
+
+- under the interpreter ``wrap_triton`` hands back the plain interpreted kernel, which torch.compile
+  then runs on fake tensors and fails ("Cannot access data pointer"): a triton_op registration
+  could not be compiled, or tested under torch.compile, anywhere but on a GPU;
+- torch.compile traces a triton_op's launcher, so its tuning branches (block sizes from the index
+  lengths, T splits from the token count) would add shape guards, and recompiles when one flips,
+  where the fake function here only states the output shape;
+- what Inductor gains is the launch overhead of one GEMM-sized kernel: it fuses nothing into a
+  user kernel.
 """
 
 from __future__ import annotations
@@ -25,4 +41,4 @@ def scatter_to_frozen(weight, src, rows, cols):
 
 
 def fused_adamw_scatter(*args):
-    torch.ops.keystone_triton.fused_adamw_scatter(*args)
+    _adamw.fused_adamw_scatter(*args)  # a plain launcher: the optimizer step is not traced
