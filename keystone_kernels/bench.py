@@ -1,6 +1,6 @@
 """Benchmarks against dense AdamW: optimizer step, weight gradient, full train step, memory, roofline.
 
-Everything is measured side by side in one run and reported as ratios (DESIGN.md section 5), on
+Everything is measured side by side in one run and reported as ratios (docs/design.md section 8), on
 the shapes of real models built from Transformers configs with random weights (nothing is ever
 downloaded):
 
@@ -168,7 +168,7 @@ def layer_mask(model, fraction: float, layer: int = 0, seed: int = 0):
 
 
 def keystone_tensor_layout(out_features: int, in_features: int, n_rows: int, n_cols: int) -> list[tuple[int, int, int | None, int | None]]:
-    """The keystone tensors of one ``[out, in]`` weight with |R| = n_rows, |C| = n_cols (DESIGN.md section 2).
+    """The keystone tensors of one ``[out, in]`` weight with |R| = n_rows, |C| = n_cols (docs/design.md section 1).
 
     Each entry is ``(n, m, row_indices, col_indices)``: an ``[n, m]`` fp32 tensor and the lengths of
     the index tensors its scatter reads (None: "all, in order", nothing read). A row tensor
@@ -644,7 +644,64 @@ def bench_optimizer(shape: Shape, fractions: Sequence[float], backends: Sequence
     return out
 
 
+# --------------------------------------------------------------------------- host work of a step
+
+HOST_COUNTS = (24, 384)  # keystone tensors of the two layouts whose step times give the per-tensor slope
+
+
+def host_layout(tensors: int, backend: str, device: torch.device, seed: int = 0) -> tuple[list, list]:
+    """(modules, params): ``tensors`` tiny keystone tensors (rows [2, 8] and columns [14, 2] of [16, 8]
+    bf16 weights) with grads; keep the modules alive while stepping the params.
+
+    Kernel time is negligible at these sizes, so a step's time is its host work.
+    """
+    from .linear import KeystoneLinear
+
+    gen = torch.Generator().manual_seed(seed)
+    modules = [KeystoneLinear(torch.randn(16, 8, generator=gen), None, torch.tensor([1, 9]), torch.tensor([3, 5]),
+                              torch.bfloat16, backend).to(device) for _ in range(tensors // 2)]
+    params = [p for m in modules for p in m.keystone_parameters()]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(device)
+    return modules, params
+
+
+def bench_host(backends: Sequence[str], device: torch.device, *, counts: Sequence[int] = HOST_COUNTS,
+               capturable: Sequence[bool] = (False, True), reps: int = 30, log: Callable[[str], None] = print) -> dict:
+    """Time of one ``KeystoneAdamW.step()`` over many tiny tensors: the host cost per extra tensor.
+
+    The slope between the two layouts (``counts``) is what each extra keystone tensor adds to a
+    step; an optimizer with O(1) host work per step has a slope near zero.
+    """
+    from .optim import KeystoneAdamW
+
+    out = {"device": device.type, "counts": list(counts), "rows": []}
+    for backend in backends:
+        for capt in capturable:
+            times = {}
+            for n in counts:
+                modules, params = host_layout(n, backend, device)
+                opt = KeystoneAdamW(params, lr=1e-4, backend=backend, capturable=capt)
+                opt.step()  # builds the flat layout
+                times[str(n)] = measure(opt.step, device, warmup=3, reps=reps, min_time_s=0.2).as_dict()  # JSON keys
+                del opt, params, modules
+            lo, hi = counts[0], counts[-1]
+            slope = (times[str(hi)]["median"] - times[str(lo)]["median"]) / (hi - lo)
+            out["rows"].append({"backend": backend, "capturable": capt, "times": times, "slope_s": slope})
+            log(f"host work: {backend}{' capturable' if capt else ''}: {times[str(lo)]['median'] * 1e6:.0f} us at "
+                f"{lo} tensors, {times[str(hi)]['median'] * 1e6:.0f} us at {hi}: {slope * 1e6:.2f} us per extra tensor")
+    return out
+
+
 # --------------------------------------------------------------------------- weight gradient
+
+# A weight-gradient variant timed beside the Triton kernel (GPU): gather dY's keystone columns with
+# index_select, then one cuBLAS GEMM in the activations' dtype (fp32 accumulation), cast to fp32.
+WGRAD_MM = "index_select+mm"
+
+
+def _index_select_mm(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return torch.mm((dy if rows is None else dy.index_select(1, rows)).t(), x).float()
 
 
 @dataclass
@@ -688,8 +745,15 @@ class WgradCase:
     def keystone_fn(self, fraction: float, backend: str, seed: int = 0) -> tuple[Callable[[], list], int, int]:
         """``(fn, keystone params, FLOPs)``: the gather weight gradients of :func:`layer_mask`'s
         neurons, as KeystoneLinear's backward runs them (``X[:, C]`` saved by the forward for a
-        columns-only layer, gathered in the backward otherwise)."""
+        columns-only layer, gathered in the backward otherwise). ``backend`` may also be
+        :data:`WGRAD_MM`."""
         from . import ops
+
+        if backend == WGRAD_MM:
+            gather = _index_select_mm
+        else:
+            def gather(dy, x, rows):
+                return ops.gather_wgrad(dy, x, rows, None, backend=backend)
 
         indices = layer_mask(self.meta, fraction, 0, seed).weight_indices(self.meta)
         work, flops, params = [], 0, 0
@@ -712,10 +776,10 @@ class WgradCase:
             res = []
             for dy, x, rows, cols, col_rows, xc in work:
                 if len(rows):
-                    res.append(ops.gather_wgrad(dy, x, rows, None, backend=backend))
+                    res.append(gather(dy, x, rows))
                 if len(cols):
                     x_c = xc if xc is not None else x.index_select(1, cols)
-                    res.append(ops.gather_wgrad(dy, x_c, col_rows, None, backend=backend))
+                    res.append(gather(dy, x_c, col_rows))
             return res
 
         return fn, params, flops
@@ -726,7 +790,8 @@ def bench_wgrad(shape: Shape, fractions: Sequence[float], backends: Sequence[str
                 log: Callable[[str], None] = print) -> dict:
     """Gather weight gradients (what KeystoneLinear's backward runs) vs the dense dW GEMMs of one layer.
 
-    Memory of each side: the peak its gradient outputs (and temporaries) allocate.
+    Memory of each side: the peak its gradient outputs (and temporaries) allocate. Where Triton is
+    timed, :data:`WGRAD_MM` (index_select + torch.mm) is timed beside it.
     """
     case = WgradCase.build(shape, tokens, device, seed)
     dense = case.dense_fn()
@@ -737,8 +802,9 @@ def bench_wgrad(shape: Shape, fractions: Sequence[float], backends: Sequence[str
            "dense": {"time": t.as_dict(), "flops": flops, "flops_per_s": flops / t.median, "memory_bytes": peak},
            "keystone": []}
     log(f"weight grad: {shape.name} layer 0, {tokens} tokens: dense {t.median * 1e3:.1f} ms")
+    variants = list(backends) + ([WGRAD_MM] if "triton" in backends else [])
     for f in fractions:
-        for backend in backends:
+        for backend in variants:
             fn, params, kflops = case.keystone_fn(f, backend, seed)
             kpeak = _peak(fn, device)
             kt = measure(fn, device, warmup=warmup + 1, reps=max(reps, 5), min_time_s=min_time_s)
@@ -938,7 +1004,7 @@ class Plan:
     train_warmup: int = 2
     train_reps: int = 3
     budget: int = 6 * _GIB
-    parts: tuple[str, ...] = ("optimizer", "wgrad", "train")
+    parts: tuple[str, ...] = ("host", "optimizer", "wgrad", "train")
     default_backend: str | None = None  # what backend="auto" picks on the device, quoted by the targets
     notes: list[str] = field(default_factory=list)
 
@@ -961,7 +1027,7 @@ def make_plan(device: torch.device, quick: bool, backends: Sequence[str] | None 
     fr = tuple(fractions or FRACTIONS)
     bk = tuple(backends or bench_backends(device))
     auto = "triton" if cuda and "triton" in bk else ("ext" if "ext" in bk else bk[0])
-    if cuda:  # DESIGN.md section 5 measures the GPU on the 8B optimizer step and the 1B train step
+    if cuda:  # docs/design.md section 8 measures the GPU on the 8B optimizer step and the 1B train step
         if quick:
             opt_shapes, wg_shapes = ("smollm2-135m", "llama-3.1-8b"), ("llama-3.1-8b",)
             train = [("llama-3.2-1b", 1, 512, [(1e-3, auto)]), ("llama-3.2-1b", 4, 2048, [(1e-3, auto)])]
@@ -989,7 +1055,7 @@ def make_plan(device: torch.device, quick: bool, backends: Sequence[str] | None 
     train = [t for t in train if t[3]]
     total = _free_device_bytes(device)
     budget = int(budget_gb * _GIB) if budget_gb else int(min(6 * _GIB, 0.4 * total) if not cuda else 0.4 * total)
-    known_parts = ("optimizer", "wgrad", "train")
+    known_parts = ("host", "optimizer", "wgrad", "train")
     parts = tuple(parts or known_parts)
     if set(parts) - set(known_parts):
         raise ValueError(f"unknown parts {sorted(set(parts) - set(known_parts))}; known: {', '.join(known_parts)}")
@@ -1009,7 +1075,7 @@ def _train_fits(shape: Shape, batch: int, seq: int, device: torch.device) -> tup
 
 
 def summarize(results: dict) -> dict:
-    """Ratios per case, and the DESIGN.md section 5 targets that this run measured."""
+    """Ratios per case, and the docs/design.md section 8 targets that this run measured."""
     device = results["config"]["device"]
     rows: dict[str, list[dict]] = {"optimizer": [], "wgrad": [], "train": []}
     for o in results.get("optimizer", []):
@@ -1063,18 +1129,24 @@ def summarize(results: dict) -> dict:
         targets.append({"target": name, "value": v, "goal": f"{'>=' if higher else '<='} {goal:g}", "holds": holds,
                         "backend": row.get("backend"), "note": why})
 
+    for h in results.get("host", []):
+        for r in h["rows"]:
+            if r["backend"] == ("ext" if device == "cpu" else default_backend) and not r["capturable"]:
+                target(f"host work per extra keystone tensor in one step ({h['counts'][0]} vs {h['counts'][-1]} tiny "
+                       "tensors), us", dict(r, slope_us=r["slope_s"] * 1e6), "slope_us", 2.0, higher=False)
     if device == "cpu":
-        target("optimizer step, 0.1%, SmolLM2-135M, vs masked torch AdamW (foreach)",
-               best("optimizer", "speedup_vs_masked_foreach", shape="smollm2-135m", fraction=1e-3),
-               "speedup_vs_masked_foreach", 50)
+        target("optimizer step, 0.1%, SmolLM2-135M, vs torch AdamW (foreach), no masking",
+               best("optimizer", "speedup_vs_foreach", shape="smollm2-135m", fraction=1e-3),
+               "speedup_vs_foreach", 500)
         tr = (best("train", "speedup", shape="smollm2-135m", fraction=1e-3, batch=4, seq=128)
               or best("train", "speedup", shape="smollm2-135m", fraction=1e-3))
         where = f"{tr['batch']} x {tr['seq']}, " if tr else ""
         target(f"full train step, SmolLM2-135M, {where}0.1%, vs dense AdamW", tr, "speedup", 1.2)
         target(f"peak RSS above imports, SmolLM2-135M train step, {where}0.1%", tr, "memory_ratio", 0.5, higher=False)
     else:
-        target("optimizer step, 0.1%, Llama-3.1-8B, vs torch AdamW(fused) (dense)",
-               best("optimizer", "speedup_vs_fused", shape="llama-3.1-8b", fraction=1e-3), "speedup_vs_fused", 200)
+        target("optimizer step, 0.1%, Llama-3.1-8B, vs torch AdamW(fused) with masked gradients",
+               best("optimizer", "speedup_vs_masked_fused", shape="llama-3.1-8b", fraction=1e-3),
+               "speedup_vs_masked_fused", 200)
         target("optimizer step, 1%, Llama-3.1-8B, achieved / measured bandwidth",
                best("optimizer", "bandwidth_fraction", shape="llama-3.1-8b", fraction=1e-2), "bandwidth_fraction", 0.6)
         target("weight grad, 1%, Llama-3.1-8B layer, vs dense dW GEMM",
@@ -1117,6 +1189,13 @@ def report(results: dict, markdown: bool = False) -> str:
 
     lines.append(f"machine: {m.get('gpu') or m['cpu']} ({m['cpu_count']} CPUs) | torch {m['torch']} | triton {m.get('triton')} "
                  f"| cuda {m['cuda']} | commit {m['commit']} | load average {cfg.get('loadavg_start')} -> {cfg.get('loadavg_end')}")
+    for h in results.get("host", []):
+        title(f"host work of one KeystoneAdamW step over tiny tensors ({h['device']}): the time per extra tensor")
+        lo, hi = h["counts"][0], h["counts"][-1]
+        lines.append(_table(["backend", "capturable", f"us at {lo}", f"us at {hi}", "us per extra tensor"],
+                            [[r["backend"], "yes" if r["capturable"] else "no", _fmt(r["times"][str(lo)]["median"] * 1e6),
+                              _fmt(r["times"][str(hi)]["median"] * 1e6), _fmt(r["slope_s"] * 1e6)]
+                             for r in h["rows"]], markdown))
     for o in results.get("optimizer", []):
         if o.get("skipped"):
             title(f"optimizer step, {o['shape']}: skipped ({o['skipped']})")
@@ -1160,7 +1239,7 @@ def report(results: dict, markdown: bool = False) -> str:
               _fmt(ks[(r["fraction"], r["backend"])]["memory_bytes"] / _GIB), _fmt(r["memory_ratio"])]
              + ([_fmt(r["memory_ratio_absolute_rss"])] if cpu else []) for r in rows], markdown))
     if s["targets"]:
-        title("targets (DESIGN.md section 5)")
+        title("targets (docs/design.md section 8)")
         lines.append(_table(["target", "backend", "measured", "goal", "holds"],
                             [[t["target"], t["backend"], _fmt(t["value"], ".3g"), t["goal"], "yes" if t["holds"] else "NO"]
                              for t in s["targets"]], markdown))
@@ -1236,7 +1315,7 @@ def run(plan: Plan, out_dir: str | os.PathLike, log: Callable[[str], None] = pri
                    "budget_bytes": plan.budget,
                    "bandwidth": bw, "loadavg_start": loadavg(), "notes": plan.notes,
                    "command": " ".join(sys.argv)},
-        "optimizer": [], "wgrad": [], "train": [],
+        "host": [], "optimizer": [], "wgrad": [], "train": [],
     }
     log(f"bench on {device.type}: backends {', '.join(plan.backends)}; bandwidth {bandwidth / 1e9:.1f} GB/s "
         f"(copy {bw['copy'] / 1e9:.1f}, in place {bw['inplace'] / 1e9:.1f}); "
@@ -1249,6 +1328,10 @@ def run(plan: Plan, out_dir: str | os.PathLike, log: Callable[[str], None] = pri
         tmp.write_text(json.dumps(results, indent=1, default=str))
         os.replace(tmp, json_path)
 
+    if "host" in plan.parts:
+        host_backends = [b for b in plan.backends if b != "reference"] or list(plan.backends)
+        results["host"].append(bench_host(host_backends, device, reps=10 if plan.quick else 30, log=log))
+        save()
     if "optimizer" in plan.parts:
         for name in plan.optimizer_shapes:
             results["optimizer"].append(bench_optimizer(SHAPES[name], plan.fractions, plan.backends, device, warmup=plan.warmup,
@@ -1304,6 +1387,22 @@ def _parse_fractions(text: str) -> list[float]:
     return out
 
 
+def _parse_train_steps(text: str, plan: Plan) -> list[tuple[str, int, int, list[tuple[float, str]]]]:
+    """``SHAPE:BATCHxSEQ[,...]`` as ``Plan.train`` entries, one case each: 0.1% (else the plan's first
+    fraction) with the default backend. Lets a short GPU check time one train step of a shape that
+    the other parts do not use (``--shapes`` names the shapes of every part)."""
+    fraction = 1e-3 if 1e-3 in plan.fractions else plan.fractions[0]
+    steps = []
+    for part in text.split(","):
+        name, _, size = part.strip().partition(":")
+        batch, _, seq = size.lower().partition("x")
+        if name not in SHAPES or not (batch.isdigit() and seq.isdigit() and int(batch) > 0 and int(seq) > 0):
+            raise ValueError(f"--train-steps {part.strip()!r}: expected SHAPE:BATCHxSEQ, e.g. llama-3.2-1b:1x512, "
+                             f"with SHAPE one of {', '.join(SHAPES)}")
+        steps.append((name, int(batch), int(seq), [(fraction, plan.default_backend)]))
+    return steps
+
+
 def rerender(json_path: str | os.PathLike) -> dict:
     """Recompute the summary of a results JSON and rewrite its ``.md`` and ``.png`` beside it."""
     json_path = Path(json_path)
@@ -1334,6 +1433,8 @@ def cmd_bench(args) -> int:
                      shapes=args.shapes.split(",") if args.shapes else None,
                      fractions=_parse_fractions(args.fractions) if args.fractions else None,
                      parts=args.parts.split(",") if args.parts else None, budget_gb=args.mem_budget_gb)
+    if args.train_steps:
+        plan.train = _parse_train_steps(args.train_steps, plan)
     available = bench_backends(device)
     missing = [b for b in plan.backends if b not in available]
     if missing:
@@ -1357,7 +1458,10 @@ def add_bench_command(sub) -> None:
     p.add_argument("--backends", help="comma-separated keystone backends (default: every one that runs on the device)")
     p.add_argument("--shapes", help=f"comma-separated model shapes (default: quick or full set; known: {', '.join(SHAPES)})")
     p.add_argument("--fractions", help="comma-separated keystone fractions of neurons, e.g. 0.1%%,1%% (default 0.01%%,0.1%%,1%%,5%%)")
-    p.add_argument("--parts", help="comma-separated subset of optimizer,wgrad,train (default all)")
+    p.add_argument("--parts", help="comma-separated subset of host,optimizer,wgrad,train (default all)")
+    p.add_argument("--train-steps", metavar="SHAPE:BxS[,...]",
+                   help="train steps to run instead of the default ones, e.g. llama-3.2-1b:1x512 (each one row: "
+                        "0.1%% or else the first of --fractions, with the default backend); independent of --shapes")
     p.add_argument("--report", metavar="JSON", help="measure nothing: recompute the summary of a results JSON and "
                                                      "rewrite its tables (.md) and plot (.png) beside it")
     p.add_argument("--mem-budget-gb", type=float, help="memory the optimizer benchmark may use (default: CPU min(6, 40%% of "

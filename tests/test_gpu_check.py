@@ -1,0 +1,122 @@
+"""bench/gpu_check.sh fits one call on a lent GPU machine: its dry run (``GPU_CHECK_DRY=1``, which runs
+nothing and needs no GPU) lists every step with its command and time limit, the limits fit 6 minutes,
+and the commands it would run parse with the CLIs they call."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from keystone_kernels import bench
+
+REPO = Path(__file__).resolve().parent.parent
+CHECK = REPO / "bench" / "gpu_check.sh"
+STEPS = ["info", "build", "tests-triton", "tests-ext", "bench", "hotpath", "pack"]
+BUDGET_S = 360  # one call: 6 minutes at most, out of 15 minutes of device time with the machine's start
+STEP_LINE = re.compile(r"^step (\d+): (\S+) limit=(\d+)s mode=(sequential|background|concurrent)$")
+BUDGET_LINE = re.compile(r"^budget: (\d+) s = limits (\d+) s .* \+ (\d+) x (\d+) s kill grace")
+
+
+def dry_run(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GPU_CHECK_DRY": "1", "OUT": str(tmp_path / "out"), **env}
+    return subprocess.run(["bash", str(CHECK)], env=env, capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def dry(tmp_path_factory) -> dict:
+    """The dry run's steps (name -> limit, mode, command) and its budget line."""
+    proc = dry_run(tmp_path_factory.mktemp("gpu_check"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    steps, budget = {}, None
+    for i, line in enumerate(lines):
+        if m := STEP_LINE.match(line):
+            assert lines[i + 1].startswith("  $ "), f"no command under {line!r}"
+            steps[m[2]] = {"index": int(m[1]), "limit": int(m[3]), "mode": m[4], "cmd": lines[i + 1][4:]}
+        elif m := BUDGET_LINE.match(line):
+            budget = tuple(int(g) for g in m.groups())
+    assert budget is not None, proc.stdout
+    return {"steps": steps, "budget": budget, "stdout": proc.stdout}
+
+
+def test_dry_run_lists_every_step_in_order_with_a_command(dry):
+    assert list(dry["steps"]) == STEPS
+    assert [s["index"] for s in dry["steps"].values()] == list(range(1, len(STEPS) + 1))
+    cmds = {name: s["cmd"] for name, s in dry["steps"].items()}
+    assert "ext.load(verbose=True)" in cmds["build"] and "has_cuda()" in cmds["build"]
+    assert "-m gpu" in cmds["tests-triton"] and "-k triton" in cmds["tests-triton"] and "-n 8" in cmds["tests-triton"]
+    assert "-m gpu" in cmds["tests-ext"] and "-k 'not triton'" in cmds["tests-ext"]
+    assert "bench/gpu_hotpath.py --device cuda" in cmds["hotpath"]
+    assert "gpu_check_logs.tar.gz" in cmds["pack"]
+
+
+def test_time_limits_add_up_to_six_minutes_at_most(dry):
+    steps = dry["steps"]
+    # The Triton tests run while the extension builds in the background, inside the build's limit.
+    assert steps["build"]["mode"] == "background" and steps["tests-triton"]["mode"] == "concurrent"
+    assert steps["tests-triton"]["limit"] <= steps["build"]["limit"]
+    in_line = [s for s in steps.values() if s["mode"] != "concurrent"]
+    limits = sum(s["limit"] for s in in_line)
+    budget, printed_limits, count, grace = dry["budget"]
+    assert printed_limits == limits and count == len(in_line)
+    assert budget == limits + count * grace  # SIGKILL comes `grace` s after SIGTERM
+    assert budget <= BUDGET_S
+    assert all(s["limit"] > 0 for s in steps.values())
+
+
+def test_dry_run_runs_and_creates_nothing(tmp_path):
+    # a python that does not exist: the dry run must not call it
+    proc = dry_run(tmp_path, PYTHON=str(tmp_path / "no-such-python"))
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "out").exists()
+    assert str(tmp_path / "no-such-python") in proc.stdout  # the commands name the chosen python
+
+
+def _args_of(cmd: str, after: str) -> list[str]:
+    """The arguments of ``cmd`` after the token ``after``, without its redirections."""
+    tokens = shlex.split(cmd)
+    rest = tokens[tokens.index(after) + 1:]
+    return [t for t in rest if not t.startswith((">", "2>"))]
+
+
+def test_bench_step_asks_for_the_focused_set(dry):
+    parser = argparse.ArgumentParser()
+    bench.add_bench_command(parser.add_subparsers())
+    args = parser.parse_args(["bench", *_args_of(dry["steps"]["bench"]["cmd"], "keystone_kernels")[1:]])
+    assert args.device == "cuda" and args.quick
+    assert args.shapes == "llama-3.1-8b" and set(args.parts.split(",")) == {"host", "optimizer", "wgrad", "train"}
+    assert bench._parse_fractions(args.fractions) == [1e-3, 1e-2]
+    assert set(args.backends.split(",")) == {"triton", "ext"}
+    plan = bench.make_plan(torch.device("cpu"), True, backends=["reference"], fractions=[1e-3, 1e-2])
+    assert bench._parse_train_steps(args.train_steps, plan) == [("llama-3.2-1b", 1, 512, [(1e-3, "reference")])]
+
+
+def test_parse_train_steps_rejects_what_it_cannot_run():
+    plan = bench.make_plan(torch.device("cpu"), True, backends=["reference"], fractions=[1e-2])
+    assert bench._parse_train_steps("smollm2-135m:4x128, qwen3-0.6b:1X64", plan) == [
+        ("smollm2-135m", 4, 128, [(1e-2, "reference")]), ("qwen3-0.6b", 1, 64, [(1e-2, "reference")])]
+    for bad in ("llama:1x512", "llama-3.2-1b", "llama-3.2-1b:0x512", "llama-3.2-1b:1x"):
+        with pytest.raises(ValueError, match="SHAPE:BATCHxSEQ"):
+            bench._parse_train_steps(bad, plan)
+
+
+def test_hotpath_step_parses_with_the_probe_cli(dry):
+    spec = importlib.util.spec_from_file_location("gpu_hotpath", REPO / "bench" / "gpu_hotpath.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    args = probe.parser().parse_args(_args_of(dry["steps"]["hotpath"]["cmd"], "bench/gpu_hotpath.py"))
+    assert args.device == "cuda" and args.out.endswith("gpu_hotpath.json")
+
+
+@pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_full.sh"])
+def test_scripts_are_valid_bash(script):
+    proc = subprocess.run(["bash", "-n", str(REPO / "bench" / script)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
