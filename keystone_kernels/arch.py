@@ -1,6 +1,6 @@
 """Where each projection lives, one small table per model family.
 
-A *neuron type* (the paper's definitions, DESIGN.md section 2) names an activation channel and the
+A *neuron type* (the paper's definitions, docs/design.md section 1) names an activation channel and the
 weights that channel owns:
 
 ==========  ==========================================  ==========================
@@ -131,7 +131,7 @@ class Dims:
         return self.num_heads // self.num_kv_heads
 
     def kv_row(self, j: torch.Tensor) -> torch.Tensor:
-        """Map query-head channel j to the k/v row it reads: DESIGN.md's kv(j)."""
+        """Map query-head channel j to the k/v row it reads: docs/design.md section 1, kv(j)."""
         return ((j // self.head_dim) // self.kv_groups) * self.head_dim + j % self.head_dim
 
 

@@ -1,6 +1,6 @@
 """Finding keystone neurons: activation probes, top-fraction selection, intersection over groups.
 
-For each prompt group, probes record the mean |activation| of every neuron (DESIGN.md section 2,
+For each prompt group, probes record the mean |activation| of every neuron (docs/design.md section 1,
 the paper's definitions) over the selected token positions: the last real token of each prompt
 (``positions="last"``, the reference) or every real token (``"all"``, token-weighted). Neurons are
 ranked per layer, per type across layers, or globally; the keystone set is the intersection of

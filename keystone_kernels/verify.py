@@ -25,7 +25,7 @@ from .mask import KeystoneMask
 def scale(model: nn.Module, mask: KeystoneMask, factor: float, modules: dict | None = None) -> Iterator[nn.Module]:
     """Multiply every weight the mask owns by ``factor`` inside the block; restore bit-exactly after.
 
-    Rows own their whole row, columns their entries outside the mask's rows (DESIGN.md section 2),
+    Rows own their whole row, columns their entries outside the mask's rows (docs/design.md section 1),
     so each element is scaled once. The mask is validated before anything is touched; the original
     values are restored on exit, also when the block raises. ``factor=0`` is :func:`ablate`.
     """

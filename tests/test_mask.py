@@ -26,7 +26,7 @@ def _as_lists(indices):
 
 
 def test_reference_layout_maps_to_hand_computed_rows_and_columns(qwen3):
-    # Written by hand from DESIGN.md section 2: kv(j) = ((j // 16) // 2) * 16 + j % 16 for 4 heads / 2 kv heads.
+    # Written by hand from docs/design.md section 1: kv(j) = ((j // 16) // 2) * 16 + j % 16 for 4 heads / 2 kv heads.
     mask = KeystoneMask.from_dict({
         "attn_q": {"0": [50, 3]},
         "attn_k": {"0": [37, 5, 21]},   # 37 -> head 2 -> kv 1 -> 21; 5 -> 5; 21 -> head 1 -> kv 0 -> 5
