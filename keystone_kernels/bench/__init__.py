@@ -1,0 +1,132 @@
+"""Benchmarks against dense AdamW: optimizer step, weight gradient, full train step, memory, roofline.
+
+Everything is measured side by side in one run and reported as ratios (docs/design.md section 8), on
+the shapes of real models built from Transformers configs with random weights (nothing is ever
+downloaded):
+
+- **optimizer step**: :class:`~keystone_kernels.KeystoneAdamW` over the keystone tensors of every
+  projection against ``torch.optim.AdamW`` (foreach and fused) over the full projection weights,
+  with the gradients masked first (what a user of the paper's code runs: dense AdamW, non-keystone
+  gradients zeroed after backward) and without masking (plain dense fine-tuning);
+- **weight gradient**: the gather kernels (``ops.gather_wgrad``, what ``KeystoneLinear`` runs in
+  backward) against the dense ``dW = dY^T X`` GEMMs of one decoder layer;
+- **train step** (forward + backward + optimizer): a patched model with KeystoneAdamW against
+  dense full fine-tuning with torch AdamW, in a fresh subprocess per side so that peak memory
+  (RSS on CPU, ``max_memory_allocated`` on CUDA) belongs to that side alone;
+- **roofline**: bytes moved by each optimizer step (:func:`keystone_step_bytes`,
+  :func:`dense_adamw_bytes`) over the measured device bandwidth, FLOPs of the weight gradient
+  (:func:`wgrad_flops`) and of a train step (:func:`train_step_flops`), kernel launches per step
+  on CUDA.
+
+The CLI (``keystone-kernels bench``) and the pytest-benchmark suites in ``bench/`` both build on
+the functions here.
+"""
+
+from __future__ import annotations
+
+from .cli import _parse_fractions, _parse_train_steps, add_bench_command, cmd_bench  # noqa: F401
+from .cost import (  # noqa: F401
+    dense_adamw_bytes,
+    keystone_step_bytes,
+    keystone_tensor_layout,
+    train_step_flops,
+    wgrad_flops,
+)
+from .optimizer import (  # noqa: F401
+    DENSE_IMPLS,
+    HOST_COUNTS,
+    DenseAdamWSetup,
+    KeystoneSetup,
+    OptimizerCase,
+    bench_host,
+    bench_optimizer,
+    fit_layers,
+    host_layout,
+)
+from .report import _fmt, _pct, _table, plot, report, summarize  # noqa: F401
+from .run import Plan, _train_fits, bench_backends, make_plan, rerender, run  # noqa: F401
+from .shapes import (  # noqa: F401
+    FRACTIONS,
+    SHAPES,
+    Shape,
+    _projection_path,
+    build_model,
+    layer_mask,
+    synthetic_mask,
+)
+from .timing import (  # noqa: F401
+    _GIB,
+    Timing,
+    _cpu_model,
+    _free_device_bytes,
+    _git_state,
+    _mem_total,
+    _peak,
+    _quiet_stderr,
+    _sync,
+    copy_bandwidth,
+    count_launches,
+    loadavg,
+    machine_info,
+    measure,
+)
+from .train import (  # noqa: F401
+    _RESULT_TAG,
+    TrainSpec,
+    _proc_status,
+    _reset_peak_rss,
+    _train_memory,
+    _worker_main,
+    bench_train,
+    build_train_step,
+    run_train_subprocess,
+    train_worker,
+)
+from .wgrad import WGRAD_MM, WgradCase, _index_select_mm, bench_wgrad  # noqa: F401
+
+__all__ = [
+    "FRACTIONS",
+    "Shape",
+    "SHAPES",
+    "build_model",
+    "synthetic_mask",
+    "layer_mask",
+    "keystone_tensor_layout",
+    "keystone_step_bytes",
+    "dense_adamw_bytes",
+    "wgrad_flops",
+    "train_step_flops",
+    "Timing",
+    "measure",
+    "loadavg",
+    "machine_info",
+    "copy_bandwidth",
+    "count_launches",
+    "OptimizerCase",
+    "DenseAdamWSetup",
+    "KeystoneSetup",
+    "fit_layers",
+    "DENSE_IMPLS",
+    "bench_optimizer",
+    "HOST_COUNTS",
+    "host_layout",
+    "bench_host",
+    "WGRAD_MM",
+    "WgradCase",
+    "bench_wgrad",
+    "TrainSpec",
+    "build_train_step",
+    "train_worker",
+    "run_train_subprocess",
+    "bench_train",
+    "Plan",
+    "bench_backends",
+    "make_plan",
+    "run",
+    "rerender",
+    "summarize",
+    "report",
+    "plot",
+    "cmd_bench",
+    "add_bench_command",
+]

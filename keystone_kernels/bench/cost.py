@@ -1,0 +1,87 @@
+"""Cost models: bytes an optimizer step moves and FLOPs of the weight gradient and of a train step."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from .shapes import Shape
+
+
+def keystone_tensor_layout(out_features: int, in_features: int, n_rows: int, n_cols: int) -> list[tuple[int, int, int | None, int | None]]:
+    """The keystone tensors of one ``[out, in]`` weight with |R| = n_rows, |C| = n_cols (docs/design.md section 1).
+
+    Each entry is ``(n, m, row_indices, col_indices)``: an ``[n, m]`` fp32 tensor and the lengths of
+    the index tensors its scatter reads (None: "all, in order", nothing read). A row tensor
+    ``[|R|, in]`` addressed by R; a column tensor ``[out - |R|, |C|]`` addressed by the other rows
+    (None when R is empty) and C.
+    """
+    out = []
+    if n_rows:
+        out.append((n_rows, in_features, n_rows, None))
+    if n_cols:
+        out.append((out_features - n_rows, n_cols, (out_features - n_rows) if n_rows else None, n_cols))
+    return out
+
+
+def keystone_step_bytes(tensors: Iterable[tuple[int, int, int | None, int | None]], frozen_bytes: int = 2,
+                        grad_norm_pass: bool = True, index_bytes: int = 8) -> int:
+    """Bytes one KeystoneAdamW step must move (a lower bound: every byte read or written once).
+
+    Per keystone element: the fused pass reads grad, m, v and the fp32 master (16 B), writes m, v
+    and the master (12 B) and scatters the rounded value into the frozen weight (``frozen_bytes``,
+    2 for bf16): 30 B. KeystoneAdamW also reads every gradient once more for its finiteness check /
+    global norm (``grad_norm_pass``: 4 B). Each index tensor is read once (``index_bytes`` per index).
+    ``tensors``: ``(n, m, row_indices, col_indices)`` as :func:`keystone_tensor_layout` gives.
+    A scattered column write moves a whole cache line / DRAM sector in hardware, so a column-heavy
+    mask moves more than this; the model counts useful bytes.
+    """
+    per_elem = 16 + 12 + frozen_bytes + (4 if grad_norm_pass else 0)
+    total = 0
+    for n, m, r, c in tensors:
+        total += n * m * per_elem + index_bytes * ((r or 0) + (c or 0))
+    return total
+
+
+def dense_adamw_bytes(numel: int, masked: bool = False, mask_bytes: int = 1) -> int:
+    """Bytes a dense fp32 AdamW step must move over ``numel`` weights (one fused pass, a lower bound).
+
+    Reads weight, grad, m, v (16 B) and writes weight, m, v (12 B): 28 B per element. ``masked``
+    adds the paper's gradient masking pass, ``grad *= mask`` (reads grad and a ``mask_bytes`` mask,
+    writes grad: 8 + 1 B for a bool mask). torch's foreach AdamW makes several passes and moves more.
+    """
+    return numel * (28 + ((8 + mask_bytes) if masked else 0))
+
+
+def wgrad_flops(tokens: int, out_features: int, in_features: int, n_rows: int | None = None, n_cols: int = 0) -> int:
+    """FLOPs of the weight gradient of one ``[out, in]`` linear layer over ``tokens`` tokens.
+
+    ``n_rows=None``: the dense ``dW = dY^T X``, ``2 T out in``. Otherwise the keystone gather:
+    rows ``dW[R, :] = dY[:, R]^T X`` (``2 T |R| in``) plus columns of the other rows
+    ``dW[notR, C] = dY[:, notR]^T X[:, C]`` (``2 T (out - |R|) |C|``).
+    """
+    if n_rows is None:
+        return 2 * tokens * out_features * in_features
+    return 2 * tokens * (n_rows * in_features + (out_features - n_rows) * n_cols)
+
+
+def train_step_flops(shape: Shape, batch: int, seq: int, keystone_params: int | None = None) -> dict[str, int]:
+    """GEMM FLOPs of one train step (forward + backward) of ``shape`` on ``batch x seq`` tokens.
+
+    Matrix products only (norms, activations, softmax and the optimizer are left out). With
+    ``T = batch * seq``, ``P`` the projection weights, ``V = vocab * hidden`` the lm_head, and
+    ``A = 4 batch seq^2 (heads head_dim)`` per layer for ``QK^T`` and ``PV`` (no causal saving):
+
+    - ``forward = 2 T (P + V) + L A``; ``input_grad = 2 T (P + V) + 2 L A`` (the attention backward
+      is four products of the forward's size): both sides pay these;
+    - ``weight_grad``: dense ``2 T (P + V)`` (every weight trains; a tied lm_head counted once);
+      keystone ``2 T keystone_params`` (embeddings and lm_head frozen).
+
+    ``keystone_params=None`` gives the dense step. Returns the parts and ``total``.
+    """
+    tokens = batch * seq
+    weights = shape.projection_params + shape.vocab * shape.hidden
+    attn = shape.layers * 4 * batch * seq * seq * shape.heads * shape.dim_head
+    fwd = 2 * tokens * weights + attn
+    dx = 2 * tokens * weights + 2 * attn
+    dw = 2 * tokens * weights if keystone_params is None else 2 * tokens * keystone_params
+    return {"forward": fwd, "input_grad": dx, "weight_grad": dw, "total": fwd + dx + dw}

@@ -1,0 +1,194 @@
+"""Train-step benchmark: forward + backward + optimizer, one fresh process per side.
+
+Run as ``python -m keystone_kernels.bench.train '<TrainSpec JSON>'`` by :func:`run_train_subprocess`;
+the worker prints one tagged JSON line with its result."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .cost import train_step_flops
+from .shapes import SHAPES, Shape, build_model, synthetic_mask
+from .timing import _GIB, loadavg, measure
+
+_RESULT_TAG = "KEYSTONE_BENCH_RESULT "
+
+
+@dataclass
+class TrainSpec:
+    """One side of a train-step comparison, run by :func:`train_worker` in a fresh process."""
+
+    shape: str
+    side: str  # "dense" or "keystone"
+    device: str = "cpu"
+    batch: int = 4
+    seq: int = 128
+    fraction: float = 1e-3
+    backend: str = "auto"
+    warmup: int = 1
+    reps: int = 2
+    seed: int = 0
+
+
+def _proc_status(field_name: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux: ``echo 5 > /proc/self/clear_refs``)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def build_train_step(spec: TrainSpec) -> tuple[Callable[[], None], dict]:
+    """One side of a train-step comparison: ``(step, info)``, ``step()`` = forward + backward + optimizer.
+
+    dense: every parameter trainable, torch AdamW (foreach on CPU, fused on CUDA); fp32 on CPU,
+    fp32 master weights with bf16 autocast on CUDA. keystone: the model built in bf16, then
+    ``patch(model, mask, frozen_dtype=bf16)`` with a :func:`synthetic_mask` of ``spec.fraction``
+    (embeddings / norms back to fp32 on CPU, where KeystoneLinear computes in fp32; bf16
+    activations on CUDA), KeystoneAdamW. Same random tokens (``labels = input_ids``) on both sides.
+    """
+    from ..optim import KeystoneAdamW
+    from ..patching import keystone_parameters, patch
+
+    device = torch.device(spec.device)
+    shape = SHAPES[spec.shape]
+    gen = torch.Generator().manual_seed(spec.seed + 1)
+    ids = torch.randint(0, shape.vocab, (spec.batch, spec.seq), generator=gen).to(device)
+    info: dict = {"spec": asdict(spec)}
+    if spec.side == "dense":
+        model = build_model(shape, device=device, dtype=torch.float32, seed=spec.seed)
+        params = [p for p in model.parameters() if p.requires_grad]
+        kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
+        opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, **kw)
+        info.update(optimizer=f"torch AdamW({next(iter(kw))})")
+        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    elif spec.side == "keystone":
+        model = build_model(shape, device=device, dtype=torch.bfloat16, seed=spec.seed)
+        mask = synthetic_mask(model, spec.fraction, spec.seed)
+        patch(model, mask, frozen_dtype=torch.bfloat16, backend=spec.backend,
+              other_dtype=torch.float32 if device.type == "cpu" else None)
+        params = keystone_parameters(model)
+        opt = KeystoneAdamW(params, lr=1e-5, weight_decay=0.01, backend=spec.backend)
+        info.update(neurons=mask.num_neurons, backend=model._keystone.backend, optimizer="KeystoneAdamW")
+        autocast = contextlib.nullcontext
+    else:
+        raise ValueError(f"side must be 'dense' or 'keystone', got {spec.side!r}")
+    model.train()
+    info["trainable"] = sum(p.numel() for p in params)
+
+    def step():
+        with autocast():
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, info
+
+
+def train_worker(spec: TrainSpec) -> dict:
+    """Build one side of a train step, time it and measure its peak memory (meant for a fresh process).
+
+    Memory: CPU RSS right after imports (torch, Transformers, this package, the extension loaded on
+    both sides), after setup, and its peaks (VmHWM over the whole process, and over the training
+    alone after a reset where Linux allows); CUDA: bytes allocated after setup and the peak during
+    the training steps (``max_memory_allocated``). Not ``ru_maxrss``: Linux carries it over from
+    the parent through fork + exec, so a worker started by a large parent reports the parent's peak.
+    """
+    from .. import ops
+
+    device = torch.device(spec.device)
+    ops.resolve_backend(spec.backend, device)  # load the extension on both sides: same code resident
+    if device.type == "cuda":
+        torch.empty(1, device=device)  # CUDA context before the baseline
+    gc.collect()
+    rss_imports = _proc_status("VmRSS")
+    step, info = build_train_step(spec)
+    gc.collect()
+    rss_setup, hwm_setup = _proc_status("VmRSS"), _proc_status("VmHWM")
+    reset = _reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        alloc_setup = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t = measure(step, device, warmup=spec.warmup, reps=spec.reps)
+    tokens = spec.batch * spec.seq
+    hwm = _proc_status("VmHWM")
+    info.update(time=t.as_dict(), tokens=tokens, tokens_per_s=tokens / t.median,
+                rss_after_imports=rss_imports, rss_after_setup=rss_setup, peak_rss_setup=hwm_setup,
+                peak_rss=max(hwm or 0, hwm_setup or 0), peak_rss_train=hwm if reset else None, loadavg=loadavg())
+    if device.type == "cuda":
+        info.update(memory_allocated_setup=alloc_setup, peak_allocated=torch.cuda.max_memory_allocated(device))
+    return info
+
+
+def _worker_main(arg: str) -> None:
+    spec = TrainSpec(**json.loads(arg))
+    result = train_worker(spec)
+    print(_RESULT_TAG + json.dumps(result), flush=True)
+
+
+def run_train_subprocess(spec: TrainSpec, timeout: float = 1800) -> dict:
+    """Run :func:`train_worker` in a fresh Python process and return its result dict."""
+    env = dict(os.environ)
+    proc = subprocess.run([sys.executable, "-m", "keystone_kernels.bench.train", json.dumps(asdict(spec))],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(_RESULT_TAG):
+            return json.loads(line[len(_RESULT_TAG):])
+    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-20:])
+    raise RuntimeError(f"train-step worker ({spec.side}, {spec.shape}) failed with exit code {proc.returncode}:\n{tail}")
+
+
+def _train_memory(r: dict, device: str) -> int:
+    """The memory a train step needs: CUDA peak allocated; CPU peak RSS above the RSS right after imports."""
+    if device == "cuda":
+        return int(r["peak_allocated"])
+    return int(r["peak_rss"] - r["rss_after_imports"])
+
+
+def bench_train(shape: Shape, device: torch.device, batch: int, seq: int, cases: Sequence[tuple[float, str]],
+                *, warmup: int = 1, reps: int = 2, seed: int = 0, log: Callable[[str], None] = print) -> dict:
+    """Full train step: dense full fine-tuning vs keystone ``(fraction, backend)`` cases, one process each."""
+    out = {"shape": shape.name, "device": device.type, "batch": batch, "seq": seq, "keystone": []}
+    common = dict(shape=shape.name, device=device.type, batch=batch, seq=seq, warmup=warmup, reps=reps, seed=seed)
+    dense = run_train_subprocess(TrainSpec(side="dense", **common))
+    dense["memory_bytes"] = _train_memory(dense, device.type)
+    dense["flops"] = train_step_flops(shape, batch, seq)
+    out["dense"] = dense
+    log(f"train step: {shape.name}, batch {batch} x seq {seq}: dense {dense['time']['median']:.3f} s/step, "
+        f"{dense['memory_bytes'] / _GIB:.2f} GiB")
+    for fraction, backend in cases:
+        r = run_train_subprocess(TrainSpec(side="keystone", fraction=fraction, backend=backend, **common))
+        r["memory_bytes"] = _train_memory(r, device.type)
+        r["flops"] = train_step_flops(shape, batch, seq, r["trainable"])
+        r["fraction"], r["backend_requested"] = fraction, backend
+        out["keystone"].append(r)
+        log(f"  keystone {100 * fraction:g}% {r['backend']}: {r['time']['median']:.3f} s/step, "
+            f"{r['memory_bytes'] / _GIB:.2f} GiB")
+    return out
+
+
+if __name__ == "__main__":
+    _worker_main(sys.argv[1])
