@@ -10,7 +10,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "adamw_args.h"
+#include "op_checks.h"
 
 #include <algorithm>
 #include <cmath>
@@ -77,11 +77,8 @@ Tensor gather_cols_f32(const Tensor& in, const std::optional<Tensor>& idx) {
 // hand-written loop, so the kernel is: gather + upcast the needed columns, then one at::mm.
 Tensor gather_wgrad_cpu(const Tensor& grad_out, const Tensor& x, const std::optional<Tensor>& rows,
                         const std::optional<Tensor>& cols) {
-  constexpr const char* op = "keystone::gather_wgrad";
-  TORCH_CHECK(grad_out.dim() == 2, op, ": grad_out must be 2-D [T, out], got shape ", grad_out.sizes());
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [T, in], got shape ", x.sizes());
-  TORCH_CHECK(grad_out.size(0) == x.size(0), op, ": grad_out and x must have the same number of rows T, got ",
-              grad_out.size(0), " and ", x.size(0));
+  constexpr const char* op = kWgradOp;
+  check_wgrad_shapes(grad_out, x);
   TORCH_CHECK(is_float_dtype(grad_out.scalar_type()), op, ": grad_out must be float32, bfloat16 or float16, got ",
               grad_out.scalar_type());
   TORCH_CHECK(x.scalar_type() == grad_out.scalar_type(), op, ": x must have grad_out's dtype ",

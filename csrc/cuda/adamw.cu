@@ -23,7 +23,7 @@ constexpr int kThreads = 256;
 constexpr int kPerThread = 4;
 static_assert(KS_ADAMW_CHUNK % (kThreads * kPerThread) == 0, "a chunk is a whole number of passes");
 
-// Columns of a segment row (keystone::SegColumn in csrc/adamw_args.h).
+// Columns of a segment row (keystone::SegColumn in csrc/op_checks.h).
 enum : int { kOffset = 0, kN, kM, kRowsAt, kColsAt, kWs0, kWs1, kWaddr, kWdtype, kWslot };
 
 __device__ __forceinline__ void load4(const float* src, int64_t e, int cnt, float (&out)[4]) {

@@ -14,7 +14,7 @@
 #include <string>
 #include <vector>
 
-#include "../adamw_args.h"
+#include "../op_checks.h"
 #include "keystone_cuda.h"
 
 namespace keystone {
@@ -56,11 +56,8 @@ void check_launch(cudaError_t err, const char* op) {
 
 Tensor gather_wgrad_cuda(const Tensor& grad_out, const Tensor& x, const std::optional<Tensor>& rows,
                          const std::optional<Tensor>& cols) {
-  constexpr const char* op = "keystone::gather_wgrad";
-  TORCH_CHECK(grad_out.dim() == 2, op, ": grad_out must be 2-D [T, out], got shape ", grad_out.sizes());
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [T, in], got shape ", x.sizes());
-  TORCH_CHECK(grad_out.size(0) == x.size(0), op, ": grad_out and x must have the same number of rows T, got ",
-              grad_out.size(0), " and ", x.size(0));
+  constexpr const char* op = kWgradOp;
+  check_wgrad_shapes(grad_out, x);
   const int dtype = ks_dtype(grad_out.scalar_type(), op, "grad_out");
   TORCH_CHECK(x.scalar_type() == grad_out.scalar_type(), op, ": x must have grad_out's dtype ",
               grad_out.scalar_type(), ", got ", x.scalar_type());

@@ -19,6 +19,7 @@ package data) or from ``<repo>/csrc`` in a checkout.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -191,11 +192,14 @@ def _build(with_cuda: bool, verbose: bool) -> str:
     build_dir = _extensions_dir() / name
     build_dir.mkdir(parents=True, exist_ok=True)
     try:
+        # torch's JIT cache hashes the sources, not the headers they include: fold the headers'
+        # digest into the flags so that a header-only change rebuilds too.
+        digest = hashlib.sha1(b"".join(h.read_bytes() for h in sorted(csrc_dir().rglob("*.h")))).hexdigest()[:12]
         cpp_extension.load(
             name=name,
             sources=sources(with_cuda=with_cuda),
-            extra_cflags=cxx_flags(),
-            extra_cuda_cflags=nvcc_flags(),
+            extra_cflags=cxx_flags() + [f"-DKEYSTONE_HEADERS_DIGEST={digest}"],
+            extra_cuda_cflags=nvcc_flags() + [f"-DKEYSTONE_HEADERS_DIGEST={digest}"],
             build_directory=str(build_dir),
             is_python_module=False,
             verbose=verbose,

@@ -58,3 +58,12 @@ def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     if t.device.type == "cuda":
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
+
+
+@triton.jit
+def index_or_arange(IDX, offs, mask, HAS_IDX: tl.constexpr):
+    """``IDX[offs]`` (masked loads) when the op was given an index, else ``offs`` itself ("all, in order")."""
+    if HAS_IDX:
+        return tl.load(IDX + offs, mask=mask, other=0)
+    else:
+        return offs

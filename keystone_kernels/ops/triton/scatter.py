@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import cast_rne, check_device, on_device
+from ._common import cast_rne, check_device, index_or_arange, on_device
 
 __all__ = ["scatter_to_frozen", "scatter_to_frozen_op"]
 
@@ -40,14 +40,8 @@ def _scatter_to_frozen_kernel(
     mask_n = offs_n < N
     mask_m = offs_m < M
     mask = mask_n[:, None] & mask_m[None, :]
-    if HAS_ROWS:
-        dst_n = tl.load(ROWS + offs_n, mask=mask_n, other=0)
-    else:
-        dst_n = offs_n
-    if HAS_COLS:
-        dst_m = tl.load(COLS + offs_m, mask=mask_m, other=0)
-    else:
-        dst_m = offs_m
+    dst_n = index_or_arange(ROWS, offs_n, mask_n, HAS_ROWS)
+    dst_m = index_or_arange(COLS, offs_m, mask_m, HAS_COLS)
     vals = tl.load(SRC + offs_n[:, None] * M + offs_m[None, :], mask=mask, other=0.0)
     w_ptrs = W + dst_n[:, None] * stride_w0 + dst_m[None, :] * stride_w1
     tl.store(w_ptrs, cast_rne(vals, W.dtype.element_ty), mask=mask)

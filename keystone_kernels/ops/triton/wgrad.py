@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import check_device, interpreting, on_device
+from ._common import check_device, index_or_arange, interpreting, on_device
 
 __all__ = ["gather_wgrad", "gather_wgrad_op"]
 
@@ -61,14 +61,8 @@ def _gather_wgrad_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_n = offs_n < N
     mask_m = offs_m < M
-    if HAS_ROWS:
-        src_n = tl.load(ROWS + offs_n, mask=mask_n, other=0)
-    else:
-        src_n = offs_n
-    if HAS_COLS:
-        src_m = tl.load(COLS + offs_m, mask=mask_m, other=0)
-    else:
-        src_m = offs_m
+    src_n = index_or_arange(ROWS, offs_n, mask_n, HAS_ROWS)
+    src_m = index_or_arange(COLS, offs_m, mask_m, HAS_COLS)
 
     t_start = pid_s * T_PER_SPLIT
     t_end = tl.minimum(t_start + T_PER_SPLIT, T)

@@ -1,6 +1,7 @@
-// keystone::fused_adamw_scatter: the flat-layout tables and the checks shared by the CPU kernel
-// (keystone.cpp) and the CUDA binding (cuda/keystone_cuda.cpp), so that both backends accept the
-// same arguments. The layout is built once by keystone_kernels/ops/layout.py (see its docstring).
+// Argument checks shared by the CPU kernels (keystone.cpp) and the CUDA binding
+// (cuda/keystone_cuda.cpp), so that both backends accept the same arguments with the same
+// messages; and the flat-layout tables of keystone::fused_adamw_scatter, built once by
+// keystone_kernels/ops/layout.py (see its docstring).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -13,6 +14,15 @@
 namespace keystone {
 
 constexpr const char* kAdamwOp = "keystone::fused_adamw_scatter";
+constexpr const char* kWgradOp = "keystone::gather_wgrad";
+
+// gather_wgrad: grad_out [T, out] and x [T, in], 2-D with the same T (dtypes: the caller).
+inline void check_wgrad_shapes(const at::Tensor& grad_out, const at::Tensor& x) {
+  TORCH_CHECK(grad_out.dim() == 2, kWgradOp, ": grad_out must be 2-D [T, out], got shape ", grad_out.sizes());
+  TORCH_CHECK(x.dim() == 2, kWgradOp, ": x must be 2-D [T, in], got shape ", x.sizes());
+  TORCH_CHECK(grad_out.size(0) == x.size(0), kWgradOp, ": grad_out and x must have the same number of rows T, got ",
+              grad_out.size(0), " and ", x.size(0));
+}
 
 // Columns of the int64 segments table [S, kSegWidth], one row per keystone tensor.
 enum SegColumn : int64_t {
