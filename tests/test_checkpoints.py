@@ -1,0 +1,131 @@
+"""CheckpointStore: a complete checkpoint always exists, whatever moment a writer is killed at."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from keystone_kernels.checkpoints import MARKER, POINTER, CheckpointStore
+
+
+def _writer(step: int, payload: torch.Tensor):
+    def write(folder: Path) -> None:
+        torch.save({"step": step, "payload": payload}, folder / "state.pt")
+        (folder / "meta.json").write_text(json.dumps({"step": step}))
+    return write
+
+
+def _read(folder: Path) -> dict:
+    state = torch.load(folder / "state.pt")
+    assert json.loads((folder / "meta.json").read_text())["step"] == state["step"]
+    return state
+
+
+def test_save_latest_prune_and_pointer(tmp_path):
+    store = CheckpointStore(tmp_path / "ckpt", keep=2)
+    assert store.latest() is None
+    payloads = {s: torch.randn(5, 3) for s in (10, 20, 30)}
+    for step, payload in payloads.items():
+        store.save(step, _writer(step, payload))
+    steps = [s for s, _ in store.complete()]
+    assert steps == [20, 30]  # the oldest was pruned
+    latest = store.latest()
+    assert _read(latest)["step"] == 30 and torch.equal(_read(latest)["payload"], payloads[30])
+    assert (store.root / POINTER).read_text().strip() == latest.name
+
+
+def test_a_failing_writer_changes_nothing(tmp_path):
+    store = CheckpointStore(tmp_path, keep=1)
+    store.save(1, _writer(1, torch.ones(2)))
+
+    def broken(folder: Path) -> None:
+        (folder / "half.bin").write_bytes(b"x")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        store.save(2, broken)
+    assert _read(store.latest())["step"] == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_stale_or_missing_pointer_falls_back_to_the_newest_complete(tmp_path):
+    store = CheckpointStore(tmp_path, keep=3)
+    for step in (1, 2):
+        store.save(step, _writer(step, torch.full((2,), float(step))))
+    (tmp_path / POINTER).write_text("step-00000999-deadbeef\n")  # names nothing
+    assert _read(store.latest())["step"] == 2
+    (tmp_path / POINTER).unlink()
+    assert _read(store.latest())["step"] == 2
+    # a folder without the completion marker is not a checkpoint
+    half = tmp_path / "step-00000003-0badc0de"
+    half.mkdir()
+    (half / "state.pt").write_bytes(b"torn")
+    assert _read(store.latest())["step"] == 2
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        CheckpointStore(tmp_path, keep=0)
+    with pytest.raises(ValueError, match="step must be >= 0"):
+        CheckpointStore(tmp_path).save(-1, _writer(0, torch.zeros(1)))
+
+
+def _killed_writer(root: Path, kill_at: int) -> int:
+    """Fork a writer that dies (``os._exit``, like SIGKILL: no cleanup) before its ``kill_at``-th
+    file-system operation while saving step 2 on top of a complete step 1; returns its exit code
+    (0: it ran past its last operation)."""
+    store = CheckpointStore(root, keep=1)
+    if not store.complete():
+        store.save(1, lambda f: torch.save({"step": 1, "payload": torch.full((4,), 1.0)}, f / "state.pt"))
+    pid = os.fork()
+    if pid == 0:  # the child: count every file-system operation, die at the chosen one
+        try:
+            count = [0]
+
+            def boundary(fn):
+                def wrapped(*a, **k):
+                    count[0] += 1
+                    if count[0] == kill_at:
+                        os._exit(9)
+                    return fn(*a, **k)
+                return wrapped
+
+            for name in ("replace", "rename", "fsync", "mkdir", "unlink", "rmdir", "open", "chmod"):
+                setattr(os, name, boundary(getattr(os, name)))
+            shutil.rmtree = boundary(shutil.rmtree)
+            save = boundary(torch.save)
+            store.save(2, lambda f: save({"step": 2, "payload": torch.full((4,), 2.0)}, f / "state.pt"))
+        finally:
+            os._exit(0 if count[0] < kill_at else 9)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_killed_at_every_boundary_a_complete_checkpoint_remains(tmp_path):
+    """Kill the writer before each of its file-system operations in turn; resume always works."""
+    kill_at, outcomes = 1, set()
+    while kill_at < 200:
+        root = tmp_path / f"run{kill_at}"
+        code = _killed_writer(root, kill_at)
+        store = CheckpointStore(root, keep=1)
+        latest = store.latest()
+        assert latest is not None and (latest / MARKER).is_file(), f"no complete checkpoint after a kill at {kill_at}"
+        state = torch.load(latest / "state.pt")
+        assert torch.equal(state["payload"], torch.full((4,), float(state["step"])))
+        outcomes.add(state["step"])
+        # the next start cleans up and can save again
+        store.clean()
+        assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
+        store.save(3, lambda f: torch.save({"step": 3, "payload": torch.full((4,), 3.0)}, f / "state.pt"))
+        assert torch.load(store.latest() / "state.pt")["step"] == 3
+        if code == 0:  # ran past its last operation: every boundary was tried
+            break
+        assert code == 9
+        kill_at += 1
+    assert 5 < kill_at < 200 and outcomes == {1, 2}  # killed early: step 1 stays; late: step 2 is there
