@@ -8,14 +8,26 @@
 #   2. bench-pytest the pytest-benchmark suites on CUDA: pytest bench -m gpu --benchmark-only,
 #                   limit BENCH_PYTEST_TIMEOUT (default 120 s)
 #   3. bench-full   keystone-kernels bench --device cuda, every shape, fraction and backend, and the
-#                   train steps, limit BENCH_FULL_TIMEOUT (default 300 s); its JSON is written after
+#                   train steps, limit BENCH_FULL_TIMEOUT (default 210 s); its JSON is written after
 #                   every part, so a run cut short keeps what it measured
+#   4. liger-test   UNTESTED (no GPU run yet): tests/test_lora.py -m gpu, apply_liger_kernel_to_llama()
+#                   then patch trains, limit LIGER_TEST_TIMEOUT (default 45 s)
+#   5. bench-lora   UNTESTED: the Llama-3.2-1B 4x2048 train step, dense / keystone 0.1% beside PEFT
+#                   LoRA r = 8, 16, 64 and (with Liger-Kernel) keystone + Liger, LoRA r=16 + Liger,
+#                   limit BENCH_LORA_TIMEOUT (default 110 s) -> bench_cuda_lora.json / .md / .png
 #
-# Results in $OUT (default ./out), 4 files at most: summary_full.txt (state of each step, the
-# benchmark's tables and targets, the status line), gpu_full_logs.tar.gz (logs, bench_cuda.json /
-# .md / .png, pytest-benchmark-cuda.json), and bench_cuda.json and pytest-benchmark-cuda.json.
-# Usage: bash bench/gpu_full.sh   env: PYTHON (default python3), OUT, TORCH_EXTENSIONS_DIR, and the
-# three limits above. Exit status 0 when every step passed (a cut-short full bench counts as passed).
+# Liger-Kernel is not on the GPU machine and it has no network: steps 4 and 5 use it when python can
+# import liger_kernel, or when $LIGER_WHEELS (default ./.wheels, ignored by git) holds its wheel,
+# made here with `pip download --no-deps liger-kernel -d .wheels` and carried to the machine;
+# without it step 4 is skipped and step 5 runs without the Liger rows.
+#
+# Results in $OUT (default ./out), 5 files at most: summary_full.txt (state of each step, the
+# benchmark's tables and targets, the status line), gpu_full_logs.tar.gz (logs, bench_cuda*.json /
+# .md / .png, pytest-benchmark-cuda.json), and bench_cuda.json, bench_cuda_lora.json and
+# pytest-benchmark-cuda.json. Usage: bash bench/gpu_full.sh   env: PYTHON (default python3), OUT,
+# TORCH_EXTENSIONS_DIR, LIGER_WHEELS, STEPS (default "build bench-pytest bench-full liger-test
+# bench-lora": a subset runs only those) and the limits above, which add up to 595 s. Exit status 0
+# when every step that ran passed (a cut-short bench counts as passed).
 set -uo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -33,6 +45,9 @@ grace=2
 t_start=$SECONDS
 status=0
 report=()
+steps=" ${STEPS:-build bench-pytest bench-full liger-test bench-lora} "
+want() { [[ "$steps" == *" $1 "* ]]; }
+LAST_RC=0
 
 step() {  # name, limit, log file, command...: run it under its limit, note its state
   local name=$1 limit=$2 logf=$3 t0=$SECONDS rc state
@@ -50,32 +65,73 @@ step() {  # name, limit, log file, command...: run it under its limit, note its 
   LAST_RC=$rc
 }
 
-step build "${BUILD_TIMEOUT:-150}" build.log "$py" -c \
-  'from keystone_kernels.ops import ext; print("loaded from", ext.load(verbose=True)); assert ext.has_cuda(), "the extension has no CUDA kernels"'
-[ "$LAST_RC" -eq 0 ] || status=1
 backends=triton,ext
-[ "$LAST_RC" -eq 0 ] || backends=triton
+if want build; then
+  step build "${BUILD_TIMEOUT:-150}" build.log "$py" -c \
+    'from keystone_kernels.ops import ext; print("loaded from", ext.load(verbose=True)); assert ext.has_cuda(), "the extension has no CUDA kernels"'
+  [ "$LAST_RC" -eq 0 ] || status=1
+  [ "$LAST_RC" -eq 0 ] || backends=triton
+fi
 
-step bench-pytest "${BENCH_PYTEST_TIMEOUT:-120}" bench-pytest.log \
-  "$py" -m pytest bench -m gpu --benchmark-only -q -p no:cacheprovider --benchmark-json="$logs/bench/pytest-benchmark-cuda.json"
-[ "$LAST_RC" -eq 0 ] || status=1
+if want bench-pytest; then
+  step bench-pytest "${BENCH_PYTEST_TIMEOUT:-90}" bench-pytest.log \
+    "$py" -m pytest bench -m gpu --benchmark-only -q -p no:cacheprovider --benchmark-json="$logs/bench/pytest-benchmark-cuda.json"
+  [ "$LAST_RC" -eq 0 ] || status=1
+fi
 
-step bench-full "${BENCH_FULL_TIMEOUT:-300}" bench-full.log \
-  "$py" -m keystone_kernels bench --device cuda --backends "$backends" --out "$logs/bench"
-case $LAST_RC in 0|124|137) ;; *) status=1 ;; esac  # cut short by its limit: the JSON holds what finished
+if want bench-full; then
+  step bench-full "${BENCH_FULL_TIMEOUT:-210}" bench-full.log \
+    "$py" -m keystone_kernels bench --device cuda --backends "$backends" --lora-ranks none --out "$logs/bench"
+  case $LAST_RC in 0|124|137) ;; *) status=1 ;; esac  # cut short by its limit: the JSON holds what finished
+fi
+
+# Liger-Kernel: importable already, or installed from a carried wheel into a folder on PYTHONPATH
+liger=no
+if "$py" -c 'import liger_kernel' >/dev/null 2>&1; then
+  liger=yes
+else
+  wheel=$(ls "${LIGER_WHEELS:-$repo/.wheels}"/liger_kernel-*.whl 2>/dev/null | tail -n 1)
+  pylib=$(mktemp -d "${TMPDIR:-/tmp}/gpu_full_pylib.XXXXXX")  # outside $logs: not packed
+  if [ -n "$wheel" ] && "$py" -m pip install -q --no-deps --no-index --target "$pylib" "$wheel" >"$logs/liger-install.log" 2>&1; then
+    export PYTHONPATH="$pylib:$PYTHONPATH"
+    liger=yes
+  fi
+fi
+echo "== Liger-Kernel available: $liger"
+
+if want liger-test; then
+  if [ "$liger" = yes ]; then
+    step liger-test "${LIGER_TEST_TIMEOUT:-45}" liger-test.log \
+      "$py" -m pytest tests/test_lora.py -m gpu -q -p no:cacheprovider -k liger
+    [ "$LAST_RC" -eq 0 ] || status=1
+  else
+    report+=("$(printf '%-13s %5s s  %s' liger-test 0 'SKIPPED: liger_kernel not importable and no wheel in $LIGER_WHEELS')")
+  fi
+fi
+
+if want bench-lora; then
+  liger_flag=()
+  [ "$liger" = yes ] && liger_flag=(--liger)
+  step bench-lora "${BENCH_LORA_TIMEOUT:-110}" bench-lora.log \
+    "$py" -m keystone_kernels bench --device cuda --backends "$backends" --parts train \
+      --train-steps llama-3.2-1b:4x2048 --lora-ranks 8,16,64 ${liger_flag[@]+"${liger_flag[@]}"} --name bench_cuda_lora --out "$logs/bench"
+  case $LAST_RC in 0|124|137) ;; *) status=1 ;; esac
+fi
 
 {
   echo "gpu_full summary, $(date -u +%Y-%m-%dT%H:%M:%SZ), $(( SECONDS - t_start )) s"
   printf '%s\n' "${report[@]}"
   echo "--- bench-full (tables and targets)"
-  sed -n '/^machine:/,$p' "$logs/bench-full.log"
-  echo "gpu_full: status=$status (0: built with CUDA, the pytest-benchmark suites and the full bench ran)"
+  sed -n '/^machine:/,$p' "$logs/bench-full.log" 2>/dev/null
+  echo "--- bench-lora (PEFT LoRA and Liger beside keystone; untested until this runs on a GPU)"
+  sed -n '/^machine:/,$p' "$logs/bench-lora.log" 2>/dev/null
+  echo "gpu_full: status=$status (0: every step that ran passed; steps: $steps)"
 } >"$out/summary_full.txt"
 cp "$out/summary_full.txt" "$logs/"
 timeout -k "$grace" 10 tar -czf "$out/gpu_full_logs.tar.gz" -C "$logs" . || status=1
-for f in bench/bench_cuda.json bench/pytest-benchmark-cuda.json; do
+for f in bench/bench_cuda.json bench/bench_cuda_lora.json bench/pytest-benchmark-cuda.json; do
   [ -f "$logs/$f" ] && cp "$logs/$f" "$out/"
 done
-rm -rf "$logs"
+rm -rf "$logs" ${pylib:+"$pylib"}
 cat "$out/summary_full.txt"
 exit "$status"

@@ -8,7 +8,7 @@ CPU: batch 4 x seq 128; CUDA: batch 4 x seq 512.
 import gc
 
 import pytest
-from benchutil import device, synced  # noqa: F401 (device: fixture)
+from benchutil import device, synced  # noqa: F401 (device: a fixture)
 
 from keystone_kernels.bench import TrainSpec, build_train_step
 

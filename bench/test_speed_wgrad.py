@@ -5,7 +5,7 @@ bf16. extra_info holds the FLOPs (keystone_kernels.bench.wgrad_flops).
 """
 
 import pytest
-from benchutil import BACKENDS, FRACTION_IDS, device, require_backend, synced  # noqa: F401 (device: fixture)
+from benchutil import BACKENDS, FRACTION_IDS, device, require_backend, synced  # noqa: F401 (device: a fixture)
 
 from keystone_kernels.bench import FRACTIONS, SHAPES, WgradCase
 

@@ -12,10 +12,14 @@ Public API (everything else is private)::
 from .adapter import load_adapter, save_adapter
 from .arch import ALL_TYPES, PAPER_TYPES, RESIDUAL_TYPES
 from .discovery import Discovery, default_prompts, find_keystone, select_top
-from .mask import KeystoneMask
+from .distributed import check_replicas
+from .fsdp import fully_shard, save_merged
 from .linear import KeystoneLinear
+from .loading import load_base_weights
+from .mask import KeystoneMask
 from .models import load_default_model, load_model
 from .optim import KeystoneAdamW
+from .overlap import Overlap, overlap
 from .patching import keystone_parameters, merge, patch, sync_frozen
 from .verify import (
     ablate,
@@ -37,19 +41,25 @@ __all__ = [
     "KeystoneAdamW",
     "KeystoneLinear",
     "KeystoneMask",
+    "Overlap",
     "ablate",
+    "check_replicas",
     "collapse_table",
     "default_prompts",
     "default_texts",
     "evaluate_perplexity",
     "find_keystone",
+    "fully_shard",
     "keystone_parameters",
     "load_adapter",
+    "load_base_weights",
     "load_default_model",
     "load_model",
     "merge",
+    "overlap",
     "patch",
     "save_adapter",
+    "save_merged",
     "scale",
     "score_exact_match",
     "score_multiple_choice",

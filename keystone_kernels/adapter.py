@@ -3,13 +3,17 @@
 File format: safetensors. Tensors ``"<module path>.weight_rows" | ".weight_cols" | ".bias_rows"``
 (fp32, the shapes of :class:`KeystoneLinear`'s parameters); metadata ``format``, ``mask`` (the
 mask JSON), ``base_model`` (name or path), ``base_fingerprint`` (see
-:func:`patching.base_fingerprint`), ``frozen_dtype``, ``train_bias``. Written atomically.
+:func:`patching.base_fingerprint`), ``frozen_dtype``, ``train_bias`` and ``checksum`` (SHA-256 of
+every tensor's name, dtype, shape and bytes, verified on load, so a flipped bit is an error, not a
+silently different model). Written atomically.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -19,15 +23,41 @@ from ._io import atomic_path
 from .mask import KeystoneMask
 from .patching import _patch_state, base_fingerprint, is_patched, keystone_modules, patch
 
-FORMAT = "keystone-adapter/1"
+ADAPTER_NAME = "keystone_adapter.safetensors"  # the file name beside a merged model or in a Trainer checkpoint
+FORMAT = "keystone-adapter/2"
+_LEGACY_FORMATS = ("keystone-adapter/1",)  # before checksums: loaded with a warning
 _DTYPES = {str(d): d for d in (torch.bfloat16, torch.float16, torch.float32)}
+_REQUIRED = ("mask", "base_fingerprint", "base_model", "frozen_dtype", "train_bias")
+
+
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) of every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the keystone values of a patched model to ``path`` (safetensors, atomic)."""
+    """Write the keystone values of a patched model to ``path`` (safetensors, atomic).
+
+    Under ``torch.distributed`` only rank 0 writes (keystone values are the same on every rank, also
+    on a model sharded by :func:`~keystone_kernels.fully_shard`: nothing to gather); other ranks return.
+    """
     from safetensors.torch import save_file
 
+    from . import distributed
+    from .lora import base_model_of
+
+    model = base_model_of(model)  # a patched PeftModel: the keystone values of its base, under the base's paths
     state = _patch_state(model)
+    if not state.base_fingerprint:
+        raise ValueError("the base fingerprint is unknown: this model was patched on the meta device and its base "
+                         "weights were not loaded yet (keystone_kernels.load_base_weights(model, checkpoint, device))")
+    if not distributed.is_main_process():
+        return
     tensors = {}
     train_bias = False
     for name, module in keystone_modules(model).items():
@@ -44,6 +74,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         "base_fingerprint": state.base_fingerprint,
         "frozen_dtype": str(state.frozen_dtype),
         "train_bias": str(train_bias),
+        "checksum": tensors_checksum(tensors),
     }
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
@@ -62,8 +93,33 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         tensors = load_file(os.fspath(path))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} is not a safetensors file: {err}") from None
-    if metadata.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a keystone adapter (format {metadata.get('format')!r}, expected {FORMAT!r})")
+    fmt = metadata.get("format")
+    if fmt != FORMAT and fmt not in _LEGACY_FORMATS:
+        raise ValueError(f"{path} is not a keystone adapter (format {fmt!r}, expected {FORMAT!r})")
+    missing = [key for key in _REQUIRED if key not in metadata]
+    if missing:
+        raise ValueError(f"{path}: the adapter's metadata lacks {', '.join(missing)}; the file was not written by "
+                         "keystone_kernels.save_adapter or was edited. Save the adapter again from the trained model.")
+    if fmt == FORMAT:
+        if metadata.get("checksum") != tensors_checksum(tensors):
+            raise ValueError(f"{path}: the tensors do not match the adapter's checksum (the file is damaged or was "
+                             "edited); use an intact copy or save the adapter again")
+    else:
+        warnings.warn(f"{path} is a {fmt} adapter, written before adapters carried checksums: its values cannot be "
+                      "verified; save it again to add one", stacklevel=3)
+    for name, t in tensors.items():
+        if t.dtype != torch.float32:
+            raise ValueError(f"{path}: tensor {name!r} is {t.dtype}; keystone adapters hold float32 values")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{path}: tensor {name!r} holds NaN or Inf values; the training that wrote it diverged. "
+                             "Use an earlier checkpoint.")
+    if metadata["frozen_dtype"] not in _DTYPES:
+        raise ValueError(f"{path}: metadata frozen_dtype is {metadata['frozen_dtype']!r}; expected one of "
+                         f"{', '.join(_DTYPES)}")
+    try:
+        json.loads(metadata["mask"])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: the adapter's mask metadata is not valid JSON ({err})") from None
     return tensors, metadata
 
 
@@ -95,7 +151,10 @@ def load_adapter(
     must carry the same mask and base. On any mismatch a ValueError names it and the model is left
     untouched.
     """
+    from .lora import base_model_of
+
     tensors, meta = read_adapter(path)
+    outer, model = model, base_model_of(model)  # a PeftModel: checked and filled through its base model
     mask = KeystoneMask.from_dict(json.loads(meta["mask"]))
     train_bias = meta.get("train_bias") == "True"
     if is_patched(model):
@@ -115,8 +174,8 @@ def load_adapter(
         if got != expected:
             diff = sorted(set(got.items()) ^ set(expected.items()))[:3]
             raise ValueError(f"{path}: tensors do not match the adapter's mask on this model (first differences: {diff})")
-        frozen_dtype = frozen_dtype or _DTYPES.get(meta.get("frozen_dtype"), torch.bfloat16)
-        patch(model, mask, frozen_dtype=frozen_dtype, backend=backend, modules=modules, train_bias=train_bias)
+        frozen_dtype = frozen_dtype or _DTYPES[meta["frozen_dtype"]]
+        patch(outer, mask, frozen_dtype=frozen_dtype, backend=backend, modules=modules, train_bias=train_bias)
     found = keystone_modules(model)
     with torch.no_grad():
         for name, value in tensors.items():
@@ -124,4 +183,4 @@ def load_adapter(
             getattr(found[path_], attr).copy_(value)
         for module in found.values():
             module.sync_frozen()
-    return model
+    return outer

@@ -142,12 +142,12 @@ def text_config(model: nn.Module):
 
 def dims_of(model: nn.Module) -> Dims:
     cfg = text_config(model)
-    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")
-    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head")
+    hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
+    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     # Qwen3 / Gemma3 set head_dim explicitly and it differs from hidden // heads.
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
-    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer")
+    layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
     return Dims(int(layers), int(hidden), int(heads), int(kv_heads), int(head_dim))
 
 

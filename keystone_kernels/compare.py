@@ -1,4 +1,4 @@
-"""Fair comparisons: keystone vs random vs full fine-tuning, and the end-to-end demo.
+"""Fair comparisons: keystone vs random vs PEFT LoRA vs full fine-tuning, and the end-to-end demo.
 
 ``sweep`` trains every (mode, learning rate) from the same base with the same budget and evaluates
 target accuracy and preservation (perplexity on held-out English, QA accuracy) after each run. The
@@ -18,7 +18,7 @@ from torch import nn
 
 from . import sft
 from ._io import atomic_write_text
-from .verify import format_table
+from .tables import format_table
 
 
 @dataclass
@@ -35,10 +35,11 @@ class RunRecord:
 
 
 def run_one(base: nn.Module, tokenizer, mask, dataset, items, mode: str, lr: float | None, steps: int, batch_size: int,
-            seed: int = 0, backend: str | None = "auto", progress: bool = True) -> RunRecord:
+            seed: int = 0, backend: str | None = "auto", progress: bool = True, lora_r: int = 16) -> RunRecord:
     """Train a fresh copy of ``base`` and evaluate it; ``base`` itself is left unchanged."""
     model = copy.deepcopy(base)
-    config = sft.SFTConfig(mode=mode, steps=steps, lr=lr, batch_size=batch_size, seed=seed, backend=backend, save_every=0)
+    config = sft.SFTConfig(mode=mode, steps=steps, lr=lr, batch_size=batch_size, seed=seed, backend=backend, save_every=0,
+                           lora_r=lora_r)
     result = sft.train(model, tokenizer, mask, dataset, config, progress=progress)
     metrics = sft.evaluate(model, tokenizer, items)
     return RunRecord(mode, config.learning_rate, metrics["accuracy"], metrics["perplexity"], metrics["qa_accuracy"],
@@ -61,10 +62,11 @@ def summary(base_metrics: dict, runs: list[RunRecord]) -> list[dict]:
 
 
 def runs_table(base_metrics: dict, runs: list[RunRecord]) -> str:
-    rows = [("base", "-", base_metrics["accuracy"], base_metrics["perplexity"], 1.0, base_metrics["qa_accuracy"], 0, "-")]
+    rows = [("base", "-", base_metrics["accuracy"], base_metrics["perplexity"], 1.0, base_metrics["qa_accuracy"], 0, "-", "-")]
     rows += [(r.mode, f"{r.lr:g}", r.accuracy, r.perplexity, r.perplexity / base_metrics["perplexity"], r.qa_accuracy,
-              r.trainable_parameters, f"{r.median_step_seconds:.2f}") for r in runs]
-    return format_table(["mode", "lr", "target acc", "ppl", "ppl x base", "QA acc", "trainable", "s/step"], rows)
+              r.trainable_parameters, f"{r.optimizer_state_bytes / 2**20:.2f}", f"{r.median_step_seconds:.2f}") for r in runs]
+    return format_table(["mode", "lr", "target acc", "ppl", "ppl x base", "QA acc", "trainable", "opt state MiB", "s/step"],
+                        rows)
 
 
 def summary_table(rows: list[dict]) -> str:
@@ -81,7 +83,7 @@ def plot_tradeoff(base_metrics: dict, runs: list[RunRecord], path: str | Path) -
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    for mode, marker in (("keystone", "o"), ("random", "s"), ("full", "^")):
+    for mode, marker in (("keystone", "o"), ("random", "s"), ("lora", "D"), ("full", "^")):
         pts = [r for r in runs if r.mode == mode]
         if pts:
             ax.scatter([r.perplexity / base_metrics["perplexity"] for r in pts], [r.accuracy for r in pts], marker=marker, label=mode, s=50)
@@ -117,8 +119,10 @@ def plot_losses(curves: dict[str, list[float]], path: str | Path) -> None:
 
 
 def sweep(base: nn.Module, tokenizer, mask, dataset, items, grid: dict[str, list[float]], steps: int, batch_size: int,
-          output_dir: str | Path, seed: int = 0, progress: bool = True) -> dict:
-    """Run every (mode, lr) of ``grid``; write ``compare.json``, ``compare.md`` and ``tradeoff.png``."""
+          output_dir: str | Path, seed: int = 0, progress: bool = True, lora_r: int = 16) -> dict:
+    """Run every (mode, lr) of ``grid``; write ``compare.json``, ``compare.md`` and ``tradeoff.png``.
+
+    Modes: ``keystone``, ``random``, ``lora`` (PEFT LoRA of rank ``lora_r`` on the decoder projections), ``full``."""
     if not any(grid.values()):
         raise ValueError("the learning-rate grid is empty: give at least one learning rate for one mode")
     out = Path(output_dir)
@@ -128,9 +132,10 @@ def sweep(base: nn.Module, tokenizer, mask, dataset, items, grid: dict[str, list
     runs = []
     for mode, lrs in grid.items():
         for lr in lrs:
-            runs.append(run_one(base, tokenizer, mask, dataset, items, mode, lr, steps, batch_size, seed, progress=progress))
+            runs.append(run_one(base, tokenizer, mask, dataset, items, mode, lr, steps, batch_size, seed, progress=progress,
+                                lora_r=lora_r))
             report = {"base": base_metrics, "runs": [asdict(r) for r in runs], "steps": steps, "batch_size": batch_size,
-                      "seconds": time.time() - t0}
+                      "lora_r": lora_r, "seconds": time.time() - t0}
             atomic_write_text(out / "compare.json", json.dumps(report, indent=1))  # after every run: partial results survive
     report["summary"] = summary(base_metrics, runs)
     atomic_write_text(out / "compare.json", json.dumps(report, indent=1))

@@ -5,6 +5,10 @@ JSON layout (the paper's reference code writes and reads it)::
     {"attn_q": {"0": [5, 17]}, "fwd_up": {"3": [...], "3_expert_1": [...]}, ...,
      "__metadata__": {...our additions: model, fraction, selection, positions, groups, iou, sizes}}
 
+The paper's own loaders (its ``train.py``) choke on ``__metadata__`` and on a missing type, so
+``to_json(path, paper_compatible=True)`` writes all six of its types and nothing else, with the
+metadata in a sidecar file (:func:`sidecar_path`) that :meth:`KeystoneMask.from_json` reads back.
+
 In weight terms a mask is, per 2-D weight ``W: [out, in]``, a sorted row set R and column set C.
 Ownership rule: a row in R owns its whole row, a column in C owns its entries outside R, so every
 weight element belongs to at most one trainable tensor and ``num_parameters`` counts each once.
@@ -14,8 +18,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -25,6 +30,13 @@ from ._io import atomic_write_text
 
 NeuronKey = tuple[str, int, "int | None"]  # (type, layer, expert)
 METADATA_KEY = "__metadata__"
+RANDOM_MATCHES = ("weights", "neurons")
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """Where a paper-compatible mask keeps its metadata: ``mask.json`` -> ``mask.meta.json``."""
+    p = Path(path)
+    return p.with_name((p.stem if p.suffix == ".json" else p.name) + ".meta.json")
 
 
 @dataclass(frozen=True)
@@ -144,7 +156,7 @@ class KeystoneMask:
         return out
 
     # ------------------------------------------------------------------ set algebra
-    def _combine(self, other: "KeystoneMask", op: str) -> "KeystoneMask":
+    def _combine(self, other: KeystoneMask, op: str) -> KeystoneMask:
         if not isinstance(other, KeystoneMask):
             return NotImplemented
         keys = set(self.neurons) | set(other.neurons)
@@ -166,14 +178,14 @@ class KeystoneMask:
     def __sub__(self, other):
         return self._combine(other, "-")
 
-    def iou(self, other: "KeystoneMask") -> float:
+    def iou(self, other: KeystoneMask) -> float:
         """Intersection over union of the two neuron sets (1.0 for two empty masks)."""
         union = (self | other).num_neurons
         return 1.0 if union == 0 else (self & other).num_neurons / union
 
     # ------------------------------------------------------------------ I/O
     @classmethod
-    def from_dict(cls, d: Mapping) -> "KeystoneMask":
+    def from_dict(cls, d: Mapping) -> KeystoneMask:
         """Build from the reference layout ``{type: {"layer" | "layer_expert_e": [indices]}}``."""
         if not isinstance(d, Mapping):
             raise ValueError(f"mask must be a dict of {{type: {{layer: [indices]}}}}, got {type(d).__name__}")
@@ -187,6 +199,10 @@ class KeystoneMask:
                 raise ValueError(f"mask entry {ntype!r} must map layer keys to index lists")
             for layer_key, values in per_layer.items():
                 layer, expert = _parse_layer_key(ntype, str(layer_key))
+                if isinstance(values, (str, bytes, Mapping)) or not hasattr(values, "__iter__"):
+                    raise ValueError(f"mask entry {ntype!r} layer {layer_key!r} must be a list of neuron indices, got "
+                                     f"{type(values).__name__} {values!r}; write e.g. {{{ntype!r}: {{{str(layer_key)!r}: "
+                                     f"[{values!r}]}}}}")
                 neurons[(ntype, layer, expert)] = values
         return cls(neurons, d.get(METADATA_KEY))
 
@@ -198,18 +214,58 @@ class KeystoneMask:
             out[METADATA_KEY] = self.metadata
         return out
 
+    def to_paper_dict(self) -> dict:
+        """The paper's layout exactly: ``{type: {"layer" | "layer_expert_e": [indices]}}`` for all six of its
+        types (``{}`` where none), no other key. Raises ValueError for types the paper does not have."""
+        extra = sorted({k[0] for k in self.neurons} - set(arch.PAPER_TYPES))
+        if extra:
+            raise ValueError(f"the paper's mask format has only its six types {list(arch.PAPER_TYPES)}; this mask "
+                             f"also holds {extra}. Keep the paper's types (KeystoneMask({{k: v for k, v in "
+                             "mask.neurons.items() if k[0] in PAPER_TYPES}})) or write without paper_compatible")
+        out: dict = {t: {} for t in arch.PAPER_TYPES}
+        for (ntype, layer, expert), idx in self.neurons.items():
+            out[ntype][_layer_key(layer, expert)] = idx.tolist()
+        return out
+
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "KeystoneMask":
+    def from_json(cls, path: str | os.PathLike) -> KeystoneMask:
+        """Read a mask; without embedded ``__metadata__``, metadata comes from :func:`sidecar_path` if present."""
         with open(path, encoding="utf-8") as f:
             try:
                 data = json.load(f)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}: not valid JSON ({err})") from None
-        return cls.from_dict(data)
+        try:
+            mask = cls.from_dict(data)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: {err}") from None
+        side = sidecar_path(path)
+        if isinstance(data, dict) and METADATA_KEY not in data and side.is_file():
+            try:
+                mask.metadata = dict(json.loads(side.read_text(encoding="utf-8")))
+            except (json.JSONDecodeError, TypeError, ValueError) as err:
+                raise ValueError(f"{side}: metadata of {path} is not a JSON object ({err})") from None
+        return mask
 
-    def to_json(self, path: str | os.PathLike) -> None:
-        """Write atomically: a temporary file in the same folder, then rename."""
+    def to_json(self, path: str | os.PathLike, paper_compatible: bool = False) -> None:
+        """Write atomically (a temporary file in the same folder, then rename).
+
+        ``paper_compatible``: the paper's layout (:meth:`to_paper_dict`), which its ``train.py`` loads;
+        the metadata goes to :func:`sidecar_path` ``(path)``. Otherwise it is embedded as ``__metadata__``.
+        A sidecar left from an earlier write is removed when none is written.
+        """
+        side = sidecar_path(path)
+        if paper_compatible:
+            text = json.dumps(self.to_paper_dict(), indent=1)  # raises before anything is written
+            if self.metadata:
+                atomic_write_text(side, json.dumps(self.metadata, indent=1))
+            atomic_write_text(path, text)
+            if not self.metadata and side.exists():
+                side.unlink()
+            return
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
+        if side.exists():
+            side.unlink()
 
     # ------------------------------------------------------------------ model side
     def slots(self, model: nn.Module, modules: dict | None = None) -> dict[NeuronKey, arch.WeightSlot]:
@@ -260,19 +316,57 @@ class KeystoneMask:
     def index_sizes(self, model: nn.Module, modules: dict | None = None) -> dict[NeuronKey, int]:
         return {k: s.size for k, s in self.slots(model, modules).items()}
 
-    def random_like(self, seed: int = 0, model: nn.Module | None = None) -> "KeystoneMask":
-        """A random mask with the same number of neurons per (type, layer, expert).
+    def random_like(self, seed: int = 0, model: nn.Module | None = None, match: str = "weights",
+                    modules: dict | None = None) -> KeystoneMask:
+        """A random mask of the same shape: the control for ablation and fine-tuning.
 
-        Index-space sizes come from ``model`` or, without one, from ``metadata["sizes"]``.
+        ``match="weights"`` (the fair control, default): per (type, layer, expert), as many neurons as
+        this mask and as many distinct weight rows / columns. attn_k / attn_v neurons that share a k / v
+        row under GQA (``kv(j)``) are drawn sharing rows the same way, so every projection keeps its row
+        and column counts and ``num_parameters(model)`` is equal. Needs ``model``.
+
+        ``match="neurons"``: only the neuron count per key. Random attn_k / attn_v neurons then collide
+        less often than keystone ones and own more rows (more trainable weights). Index-space sizes
+        come from ``model`` or, without one, from ``metadata["sizes"]``.
         """
+        if match not in RANDOM_MATCHES:
+            raise ValueError(f"match must be one of {RANDOM_MATCHES}, got {match!r}")
+        gen = torch.Generator().manual_seed(seed)
+        meta = {"random_seed": seed, "random_match": match,
+                **{key: self.metadata[key] for key in ("model", "sizes") if key in self.metadata}}
+        if match == "weights":
+            if model is None:
+                raise ValueError("random_like(match='weights') needs the model (it maps attn_k / attn_v neurons to "
+                                 "k / v rows): pass model=..., or match='neurons' to keep only neuron counts")
+            self.weight_indices(model, modules)  # validates every entry
+            slots, dims = self.slots(model, modules), arch.dims_of(model)
+            out = {}
+            for k, v in self.neurons.items():
+                draw = _random_kv_like(v, dims, gen) if slots[k].kv else torch.randperm(slots[k].size, generator=gen)
+                out[k] = draw[: len(v)]
+            return KeystoneMask(out, meta)
         if model is not None:
-            sizes = self.index_sizes(model)
+            sizes = self.index_sizes(model, modules)
         else:
             stored = self.metadata.get("sizes")
             if not stored:
                 raise ValueError("random_like needs the model (this mask carries no index-space sizes)")
             sizes = {k: int(stored[f"{k[0]}/{_layer_key(k[1], k[2])}"]) for k in self.neurons}
-        gen = torch.Generator().manual_seed(seed)
         out = {k: torch.randperm(sizes[k], generator=gen)[: len(v)] for k, v in self.neurons.items()}
-        meta = {"random_seed": seed, **{key: self.metadata[key] for key in ("model", "sizes") if key in self.metadata}}
         return KeystoneMask(out, meta)
+
+
+def _random_kv_like(idx: torch.Tensor, dims: arch.Dims, gen: torch.Generator) -> torch.Tensor:
+    """Random query-space neurons: as many as ``idx`` ([n] int64), on as many distinct k / v rows.
+
+    Row r is read by the ``groups`` channels ``j = ((r // D) * groups + g) * D + r % D``: draw the rows,
+    one random reader of each, then the remaining neurons among the other readers of those rows.
+    """
+    d, groups = dims.head_dim, dims.kv_groups
+    n_rows = int(torch.unique(dims.kv_row(idx)).numel())
+    rows = torch.randperm(dims.num_kv_heads * d, generator=gen)[:n_rows]
+    # [rows, groups]: the readers of each drawn row
+    readers = ((rows // d)[:, None] * groups + torch.arange(groups)[None, :]) * d + (rows % d)[:, None]
+    readers = readers.gather(1, torch.argsort(torch.rand(readers.shape, generator=gen), dim=1))
+    rest = readers[:, 1:].flatten()
+    return torch.cat([readers[:, 0], rest[torch.randperm(len(rest), generator=gen)[: len(idx) - n_rows]]])

@@ -13,6 +13,14 @@ The layout is rebuilt only when it may be stale: a new param group, ``load_state
 KeystoneLinear moved (``.to()``), merged or freed. ``KEYSTONE_CHECK_LAYOUT=1`` re-checks it on
 every step, for debugging.
 
+A tensor with ``requires_grad=False`` (``peft.get_peft_model`` and ``model.requires_grad_(False)``
+set it on keystone tensors) would never get a gradient, so the optimizer would silently train
+nothing. It is refused, without per-tensor work in a steady-state step: when the layout is built
+(the first step, and after each rebuild), on a step where no tensor has a gradient, on a
+non-capturable step whose gradient norm is exactly zero (what a step sees when every tensor was
+frozen after the layout was built), and on every step under ``KEYSTONE_CHECK_LAYOUT=1``. Not
+caught until then: one tensor of many frozen after the first step.
+
 Parameters that do not belong to a KeystoneLinear (for instance norms a user chose to train) live
 in the same arenas and get the same update; nothing is scattered for them.
 """
@@ -21,25 +29,65 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Iterable
 from operator import attrgetter, is_
 
 import torch
 from torch import Tensor
 
-from . import ops
-from .linear import KeystoneLinear, layout_epoch
+from . import fsdp, ops
+from .linear import KeystoneLinear, find_owner, layout_epoch
 from .ops.layout import FlatLayout, Target, build_flat_layout, host_scalars
 
 NONFINITE = ("raise", "skip")
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _grad_of = attrgetter("grad")
+_KIND_ATTR = {"rows": "weight_rows", "cols": "weight_cols", "bias": "bias_rows"}
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    module = sys.modules.get("torch.distributed.tensor")  # not imported: no DTensor can exist
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def _refuse_dtensor(p: Tensor) -> None:
+    if _is_dtensor(p):
+        raise ValueError(
+            f"KeystoneAdamW got a DTensor parameter of shape {tuple(p.shape)} (placements {p.placements}): a sharded "
+            "keystone tensor cannot be scattered into its frozen weight, so it would train nothing. Shard the model "
+            "with keystone_kernels.fully_shard(model), which keeps keystone tensors whole on every rank, and build the "
+            "optimizer from keystone_parameters(model) afterwards.")
+
+
+def _check_trainable(params: Iterable[Tensor]) -> None:
+    """Raise for the first tensor with ``requires_grad=False``: autograd never gives it a gradient."""
+    for k, p in enumerate(params):
+        if not p.requires_grad:
+            kind = getattr(p, "_keystone_kind", None)
+            owner = getattr(p, "_keystone_owner", lambda: None)()
+            what = (f"the keystone {_KIND_ATTR[kind]} tensor of shape {tuple(p.shape)} of {owner!r}" if kind and owner
+                    else f"tensor {k} of shape {tuple(p.shape)}")
+            raise ValueError(
+                f"KeystoneAdamW got {what} with requires_grad=False: autograd never computes its gradient, so it would "
+                "train nothing. Something froze it after patching (peft.get_peft_model(model, ...) and "
+                "model.requires_grad_(False) do). Make it trainable again, e.g. `for p in keystone_parameters(model): "
+                "p.requires_grad_(True)`, or build the PeftModel first and patch it (keystone_kernels.patch(peft_model, "
+                "mask) keeps both sets trainable), or leave the tensor out of the optimizer.")
 
 
 def _scatter_target(p: Tensor) -> tuple[tuple[int, int], Target | None]:
     """(2-D shape of p in its arena, where its values go in the frozen weight or None)."""
+    _refuse_dtensor(p)
     owner_ref = getattr(p, "_keystone_owner", None)
     if owner_ref is None:
+        found = find_owner(p)
+        if found is not None:
+            raise ValueError(
+                f"the {found[1]} tensor of shape {tuple(p.shape)} of a KeystoneLinear has lost its keystone tag (a "
+                "wrapper such as FSDP1 or torch's fully_shard replaced the parameter object), so KeystoneAdamW cannot "
+                "find the frozen weight it must update. Wrap the patched model with DDP or "
+                "keystone_kernels.fully_shard, and build the optimizer from keystone_parameters(model) afterwards.")
         return (1, p.numel()), None
     owner: KeystoneLinear | None = owner_ref()
     if owner is None or owner.retired:
@@ -48,6 +96,14 @@ def _scatter_target(p: Tensor) -> tuple[tuple[int, int], Target | None]:
             f"{'freed' if owner is None else 'merged'}: stepping it would update nothing the model uses. "
             "Build a new KeystoneAdamW over keystone_parameters(model) of the live patched model.")
     kind = p._keystone_kind
+    if getattr(owner, _KIND_ATTR[kind]) is not p:
+        raise ValueError(
+            f"a keystone tensor of shape {tuple(p.shape)} is no longer its module's {_KIND_ATTR[kind]} (a wrapper such "
+            "as torch's fully_shard replaced it after the optimizer was built): stepping it would update nothing the "
+            "model uses. Shard with keystone_kernels.fully_shard(model) first, then build KeystoneAdamW from "
+            "keystone_parameters(model).")
+    if getattr(owner, "_keystone_fsdp", None):
+        return tuple(p.shape) if kind != "bias" else (p.numel(), 1), None  # FSDP2: the bucket's ReplicaSync scatters
     if kind == "rows":
         return tuple(p.shape), Target(owner.frozen_weight, owner.rows, None)
     if kind == "cols":
@@ -59,8 +115,9 @@ class _Bucket:
     """The tensors of one param group on one device: flat arenas, their views, the layout, the step count."""
 
     def __init__(self, group: dict, params: list[Tensor], layout: FlatLayout, arenas: dict[str, Tensor],
-                 grad_views: list[Tensor], step: Tensor):
+                 grad_views: list[Tensor], step: Tensor, sync=None):
         self.group, self.params, self.layout, self.grad_views, self.step = group, params, layout, grad_views, step
+        self.sync = sync  # fsdp.ReplicaSync on a model sharded by keystone_kernels.fully_shard, else None
         self.master, self.grad = arenas["master"], arenas["grad"]
         self.exp_avg, self.exp_avg_sq = arenas["exp_avg"], arenas["exp_avg_sq"]
         self.max_exp_avg_sq = arenas.get("max_exp_avg_sq")
@@ -91,7 +148,8 @@ class _Bucket:
         return found
 
     def check(self) -> None:
-        """KEYSTONE_CHECK_LAYOUT=1: every parameter still a view of the arena, every target still in place."""
+        """KEYSTONE_CHECK_LAYOUT=1: every parameter still a view of the arena and trainable, every target in place."""
+        _check_trainable(self.params)
         for k, p in enumerate(self.params):
             if p.data_ptr() != self.layout.view(self.master, k).data_ptr():
                 raise RuntimeError(f"keystone layout is stale: tensor {k} of shape {tuple(p.shape)} no longer lives "
@@ -176,6 +234,7 @@ class KeystoneAdamW(torch.optim.Optimizer):
         self._epoch = -1
         for group in self.param_groups:
             for p in group["params"]:
+                _refuse_dtensor(p)
                 if p.dtype != torch.float32:
                     raise ValueError(f"KeystoneAdamW steps fp32 master tensors; got a {p.dtype} parameter of shape "
                                      f"{tuple(p.shape)}")
@@ -187,8 +246,24 @@ class KeystoneAdamW(torch.optim.Optimizer):
         self._buckets = None  # the new tensors need a place in the arenas
 
     def load_state_dict(self, state_dict: dict) -> None:
+        self._check_state_fits(state_dict)
         super().load_state_dict(state_dict)
         self._buckets = None  # the loaded state is copied into fresh arenas on the next step
+
+    def _check_state_fits(self, state_dict: dict) -> None:
+        """Refuse, before anything changes, a state saved for tensors of other shapes (another mask)."""
+        saved_groups = state_dict.get("param_groups", [])
+        params = [p for g in self.param_groups for p in g["params"]]
+        ids = [i for g in saved_groups for i in g.get("params", [])]
+        if len(ids) != len(params):
+            return  # torch's own check names this case
+        for k, (p, i) in enumerate(zip(params, ids)):
+            for name, value in state_dict.get("state", {}).get(i, {}).items():
+                if name in _STATE_KEYS and isinstance(value, Tensor) and tuple(value.shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"the optimizer state does not fit: tensor {k} has shape {tuple(p.shape)} here, "
+                        f"{tuple(value.shape)} in the saved state's {name}; it was saved for another mask or model. "
+                        "Load it into an optimizer over keystone_parameters(model) of the same patched model.")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradient buffers (the grads stay views of them; see the class docstring)."""
@@ -231,6 +306,7 @@ class KeystoneAdamW(torch.optim.Optimizer):
     def _build_group(self, group: dict) -> list[_Bucket]:
         """Move a group's tensors, grads and state into fresh arenas (per device); validate targets once."""
         by_device: dict[torch.device, list[Tensor]] = {}
+        _check_trainable(group["params"])
         for p in group["params"]:
             if p.dtype != torch.float32:
                 raise ValueError(f"KeystoneAdamW steps fp32 master tensors; a parameter of shape {tuple(p.shape)} "
@@ -273,7 +349,8 @@ class KeystoneAdamW(torch.optim.Optimizer):
             step = torch.tensor(steps.pop() if steps else 0.0, dtype=torch.float32, device=step_device)
             for p in params:
                 self.state[p]["step"] = step  # one tensor per group, shared: torch's key, O(1) to advance
-            buckets.append(_Bucket(group, params, layout, arenas, grad_views, step))
+            sync = fsdp.bucket_sync(params, layout, self.backend)
+            buckets.append(_Bucket(group, params, layout, arenas, grad_views, step, sync))
         return buckets
 
     # ------------------------------------------------------------------ the step
@@ -284,9 +361,15 @@ class KeystoneAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        active = [b for b in self._layout() if b.collect_grads()]
+        buckets = self._layout()
+        active = [b for b in buckets if b.collect_grads()]
         if not active:
+            for b in buckets:  # no gradient anywhere: a step before any backward, or frozen tensors
+                _check_trainable(b.params)
             return loss
+        for b in active:
+            if b.sync is not None:
+                b.sync.reduce(b.grad)  # sharded model: one all-reduce of the flat gradient arena
         norms = [torch.linalg.vector_norm(b.grad) for b in active]
         total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(
             torch.stack([n.to(norms[0].device) for n in norms]))
@@ -298,6 +381,9 @@ class KeystoneAdamW(torch.optim.Optimizer):
 
     def _step_from_host(self, active: list[_Bucket], total: Tensor) -> None:
         total_f = float(total)  # the one host sync of a step: the price of raising / skipping on NaN
+        if total_f == 0.0:  # O(1) in steady state; a zero norm is what tensors frozen after the first step give
+            for b in active:
+                _check_trainable(b.params)
         if not math.isfinite(total_f):
             if self.nonfinite == "skip":
                 self._skipped += 1
@@ -320,6 +406,8 @@ class KeystoneAdamW(torch.optim.Optimizer):
             scalars = host_scalars(float(g["lr"]), g["weight_decay"], step, beta1, beta2, g["maximize"], scale)
             ops.fused_adamw_scatter(b.layout, b.master, b.grad, b.exp_avg, b.exp_avg_sq, b.max_exp_avg_sq,
                                     scalars=scalars, beta1=beta1, beta2=beta2, eps=g["eps"], backend=self.backend)
+            if b.sync is not None:
+                b.sync.scatter(b.master)
             b.step += 1  # only once the step went through
 
     def _step_on_device(self, active: list[_Bucket], total: Tensor) -> None:
@@ -350,3 +438,5 @@ class KeystoneAdamW(torch.optim.Optimizer):
                                    gscale.float(), bad_b])
             ops.fused_adamw_scatter(b.layout, b.master, b.grad, b.exp_avg, b.exp_avg_sq, b.max_exp_avg_sq,
                                     scalars=scalars, beta1=beta1, beta2=beta2, eps=g["eps"], backend=self.backend)
+            if b.sync is not None:
+                b.sync.scatter(b.master)  # a skipped step rewrites the unchanged values: harmless

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import arch, ops
+from . import arch, distributed, export, ops
 from .linear import KeystoneLinear
 from .mask import KeystoneMask
 
@@ -54,23 +54,37 @@ def _projection_paths(model: nn.Module, family: arch.Family) -> list[str]:
     return out
 
 
+def fingerprint_positions(shapes: list[tuple[int, int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The 16 (row, column) positions :func:`base_fingerprint` samples in each ``[out, in]`` projection, in order."""
+    gen = torch.Generator().manual_seed(0)
+    return [(torch.randint(0, out, (16,), generator=gen), torch.randint(0, inp, (16,), generator=gen))
+            for out, inp in shapes]
+
+
+def fingerprint_of(paths: list[str], shapes: list[tuple[int, int]], samples: list[torch.Tensor]) -> str:
+    """The hash of :func:`base_fingerprint` from each projection's path, shape and 16 sampled values (fp32 [16])."""
+    h = hashlib.sha256()
+    for path, (out, inp), sample in zip(paths, shapes, samples):
+        h.update(f"{path}:{out}x{inp}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def base_fingerprint(model: nn.Module, family: arch.Family) -> str:
     """A short hash identifying base weights: 16 fixed sample positions of every projection, as bf16.
 
     Rounding to bf16 makes an fp32 and a bf16 load of the same base agree; the architecture
     (shapes) is part of the hash.
     """
-    h = hashlib.sha256()
-    gen = torch.Generator().manual_seed(0)
-    for path in _projection_paths(model, family):
-        w, _ = arch.weight_2d(model, path)
-        out, inp = w.shape
-        r = torch.randint(0, out, (16,), generator=gen)
-        c = torch.randint(0, inp, (16,), generator=gen)
-        sample = w.detach()[r.to(w.device), c.to(w.device)].to(torch.bfloat16).float().cpu()
-        h.update(f"{path}:{out}x{inp}".encode())
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:16]
+    paths = _projection_paths(model, family)
+    weights = [arch.weight_2d(model, path)[0] for path in paths]
+    if any(w.is_meta for w in weights):
+        raise ValueError("the model is on the meta device, so its base weights cannot be fingerprinted: patch it, then "
+                         "load its weights with keystone_kernels.load_base_weights(model, checkpoint, device)")
+    shapes = [tuple(w.shape) for w in weights]
+    samples = [w.detach()[r.to(w.device), c.to(w.device)].to(torch.bfloat16).float().cpu()
+               for w, (r, c) in zip(weights, fingerprint_positions(shapes))]
+    return fingerprint_of(paths, shapes, samples)
 
 
 def patch(
@@ -93,10 +107,25 @@ def patch(
         train_bias: train the bias entries of keystone rows (layers with a bias).
         other_dtype: cast the rest (embeddings, norms, lm_head) to this dtype; None leaves them.
 
+    For data parallelism the frozen and index buffers are listed in
+    ``model._ddp_params_and_buffers_to_ignore`` (DDP then all-reduces only the keystone gradients;
+    see :mod:`keystone_kernels.distributed`). A model on the meta device is patched without values:
+    load its base weights afterwards with :func:`~keystone_kernels.load_base_weights`.
+
     Raises ValueError, leaving the model untouched, for a mask of another model (missing module,
     index out of range), a model already patched, MoE expert neurons (not patchable yet), mixed
     devices, or an unsupported ``frozen_dtype``.
+
+    A ``peft.PeftModel`` is patched through its base model: keystone on the decoder projections, its
+    adapters on other modules (e.g. ``lm_head``) left trainable; a PEFT layer on a decoder projection
+    raises a ValueError (see :func:`keystone_kernels.lora.patch_peft_model`).
     """
+    from .lora import is_peft_model
+
+    if is_peft_model(model) and not is_patched(model):
+        from .lora import patch_peft_model
+
+        return patch_peft_model(model, mask, frozen_dtype, backend, modules, train_bias, other_dtype)
     if is_patched(model):
         raise ValueError("model is already patched: merge(model) first, or patch a fresh model")
     if not isinstance(mask, KeystoneMask):
@@ -105,6 +134,9 @@ def patch(
         raise ValueError("mask is empty: nothing would train")
     if frozen_dtype not in FROZEN_DTYPES:
         raise ValueError(f"frozen_dtype must be one of {FROZEN_DTYPES}, got {frozen_dtype}")
+    from .loading import check_not_dispatched, meta_backend, watch_base_load
+
+    check_not_dispatched(model)
     devices = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
     if len(devices) != 1:
         raise ValueError(f"model is spread over several devices {sorted(map(str, devices))}; move it to one device first")
@@ -118,9 +150,10 @@ def patch(
             raise ValueError(f"patching MoE expert weights is not supported yet (mask touches {outside[0]}); "
                              "use ablate/scale for MoE models, or a mask without expert neurons")
         raise ValueError(f"mask touches weights outside the decoder projections: {outside}")
-    resolved = ops.resolve_backend(backend, device)
+    meta = device.type == "meta"  # built without weights: they are loaded after to_empty (see loading.py)
+    resolved = meta_backend(backend) if meta else ops.resolve_backend(backend, device)
     param_dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    fingerprint = base_fingerprint(model, family)
+    fingerprint = "" if meta else base_fingerprint(model, family)
     empty = torch.empty(0, dtype=torch.int64)
 
     # Build every replacement before changing anything, so a failure leaves the model as it was.
@@ -144,6 +177,10 @@ def patch(
             if not name.endswith(("weight_rows", "weight_cols", "bias_rows")):
                 p.data = p.data.to(other_dtype)
     model._keystone = state
+    export.install(model)  # save_pretrained / Trainer.save_model write the merged model + the adapter
+    distributed.mark_for_ddp(model)  # DDP neither broadcasts nor syncs the frozen and index buffers
+    if meta:
+        watch_base_load(model, state)
     return model
 
 
@@ -173,17 +210,29 @@ def _patch_state(model: nn.Module) -> PatchState:
 
 
 @torch.no_grad()
-def merge(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+def merge(model: nn.Module, dtype: torch.dtype | None = None, masters: bool = False) -> nn.Module:
     """Turn a patched model back into a plain one, in place, with the trained keystone values.
 
-    Each KeystoneLinear becomes an ``nn.Linear`` (or ``Conv1D``) holding the frozen weight with the
-    fp32 keystone values written in, in ``dtype`` (default: the model's dtype before patching).
+    Each KeystoneLinear becomes an ``nn.Linear`` (or ``Conv1D``) holding, in ``dtype`` (default: the
+    model's dtype before patching), the weight the patched model computed with: the frozen matrix
+    with the keystone values rounded to ``frozen_dtype``, so the merged model's outputs equal the
+    patched model's. ``masters=True`` writes the fp32 keystone masters instead.
     ``requires_grad`` flags are restored. ``save_pretrained`` / ``from_pretrained`` then work as usual.
+    A patched ``peft.PeftModel`` is merged in its base model; its adapters stay.
     """
+    from .lora import base_model_of
+
+    model_in, model = model, base_model_of(model)
     state = _patch_state(model)
+    from .fsdp import is_sharded
+
+    if is_sharded(model):
+        raise ValueError("merge works in place on a whole model; this one is sharded by keystone_kernels.fully_shard "
+                         "(a merged copy would need every weight on every rank). Use keystone_kernels.save_merged("
+                         "model, path) on every rank: it gathers one tensor at a time, and rank 0 writes")
     dtype = dtype or state.original_dtype
     for path, module in keystone_modules(model).items():
-        weight, bias = module.merged_weight(dtype)
+        weight, bias = module.merged_weight(dtype, masters=masters)
         if module.transposed:
             from transformers.pytorch_utils import Conv1D
 
@@ -201,4 +250,6 @@ def merge(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     for name, p in model.named_parameters():
         p.requires_grad_(state.requires_grad.get(name, True))
     del model._keystone
-    return model
+    export.uninstall(model)
+    distributed.unmark_for_ddp(model)
+    return model_in

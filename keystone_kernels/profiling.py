@@ -8,7 +8,7 @@ on top of what already existed; add :func:`tensor_bytes` of the model for the to
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 

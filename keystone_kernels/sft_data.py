@@ -7,11 +7,12 @@ local paths only. When the tokenizer has a chat template it is applied (``chat=N
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -35,6 +36,8 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
         raise ValueError(f"{path}: unsupported format {path.suffix!r}; use one of {', '.join(_FORMATS)}")
     if path.stat().st_size == 0:
         raise ValueError(f"{path} is empty")
+    if kind == "json" and path.suffix.lower() == ".jsonl":
+        return _read_jsonl(path)
     import datasets
 
     datasets.disable_progress_bars()
@@ -50,6 +53,26 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+def _read_jsonl(path: Path) -> list[dict]:
+    """One JSON object per line; blank lines are skipped; a bad line is named by its number."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno}); "
+                                 "JSONL needs one JSON object per line") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: a JSONL row must be a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} holds no rows (only blank lines)")
+    return rows
+
+
 def _check_row(i: int, row: dict) -> list[dict]:
     """The row as a list of chat messages (prompt/response rows become user/assistant turns)."""
     if "messages" in row and row["messages"] is not None:
@@ -59,9 +82,13 @@ def _check_row(i: int, row: dict) -> list[dict]:
         if not any(m["role"] == "assistant" for m in msgs):
             raise ValueError(f"row {i}: 'messages' has no assistant turn to learn from")
         return msgs
-    missing = [k for k in ("prompt", "response") if not isinstance(row.get(k), str)]
+    missing = [k for k in ("prompt", "response") if row.get(k) is None]
     if missing:
         raise ValueError(f"row {i}: missing field(s) {missing}; rows need 'prompt' and 'response' strings, or 'messages'")
+    for k in ("prompt", "response"):
+        if not isinstance(row[k], str):
+            raise ValueError(f"row {i}: field {k!r} is {type(row[k]).__name__} ({row[k]!r}), not a string; "
+                             f"quote it in the data file (\"{k}\": \"{row[k]}\")")
     return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
 
 

@@ -9,6 +9,12 @@ Two ways, both for a model already patched with :func:`keystone_kernels.patch`:
 
 Trainer keeps doing everything else: schedule, gradient accumulation and clipping
 (``max_grad_norm``), logging, evaluation.
+
+Several GPUs: run the same script under ``torchrun --nproc-per-node N`` or ``accelerate launch
+--multi_gpu``. The Trainer wraps the model in DDP, which (for a patched model) all-reduces only the
+keystone gradients and never broadcasts the frozen weights; ``KeystoneTrainer.train`` first checks
+that every rank holds the same model (:func:`~keystone_kernels.distributed.check_replicas`), and only
+rank 0 writes checkpoints.
 """
 
 from __future__ import annotations
@@ -18,11 +24,10 @@ import os
 import torch
 from transformers import Trainer
 
-from .adapter import load_adapter, save_adapter
+from .adapter import ADAPTER_NAME, load_adapter, save_adapter
+from .distributed import check_replicas, is_distributed
 from .optim import KeystoneAdamW
 from .patching import keystone_parameters
-
-ADAPTER_NAME = "keystone_adapter.safetensors"
 
 
 def keystone_optimizer(model: torch.nn.Module, args, backend: str | None = "auto") -> KeystoneAdamW:
@@ -33,6 +38,15 @@ def keystone_optimizer(model: torch.nn.Module, args, backend: str | None = "auto
 
 class KeystoneTrainer(Trainer):
     """``transformers.Trainer`` for a patched model: keystone optimizer, adapter checkpoints."""
+
+    def train(self, *args, **kwargs):
+        """``Trainer.train`` after a replica check (every rank must hold the same frozen weights and mask)."""
+        if is_distributed():
+            check_replicas(self.model)
+        if self.args.ddp_find_unused_parameters is None:
+            # every keystone tensor gets a gradient in every step: skip DDP's extra graph traversal
+            self.args.ddp_find_unused_parameters = False
+        return super().train(*args, **kwargs)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -49,3 +63,12 @@ class KeystoneTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         load_adapter(model if model is not None else self.model, os.path.join(resume_from_checkpoint, ADAPTER_NAME))
+
+    def _load_best_model(self):
+        """``load_best_model_at_end=True``: the best checkpoint is an adapter, not a full state dict."""
+        best = self.state.best_model_checkpoint
+        path = os.path.join(best, ADAPTER_NAME) if best else None
+        if path is None or not os.path.isfile(path):
+            raise FileNotFoundError(f"load_best_model_at_end: no keystone adapter at {path} (best checkpoint {best!r}); "
+                                    "was the checkpoint written by another trainer class?")
+        load_adapter(self.model, path)

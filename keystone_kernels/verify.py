@@ -9,15 +9,16 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from . import arch
 from .mask import KeystoneMask
+from .tables import format_table  # noqa: F401  (re-exported: verify.format_table)
 
 
 # ---------------------------------------------------------------------------------------- edits
@@ -29,6 +30,12 @@ def scale(model: nn.Module, mask: KeystoneMask, factor: float, modules: dict | N
     so each element is scaled once. The mask is validated before anything is touched; the original
     values are restored on exit, also when the block raises. ``factor=0`` is :func:`ablate`.
     """
+    from .fsdp import is_sharded, scaled_shards
+
+    if is_sharded(model):  # keystone_kernels.fully_shard: each rank edits the rows of its shard
+        with scaled_shards(model, mask, factor, modules):
+            yield model
+        return
     indices = mask.weight_indices(model, modules)  # raises before any edit
     saved = []
     try:
@@ -192,6 +199,7 @@ class CollapseRow:
     neurons: int
     perplexity: float
     ratio: float  # perplexity / base perplexity
+    weights: int = 0  # weight elements the mask owns (mask.num_parameters(model, include_bias=False))
 
 
 def collapse_table(
@@ -201,28 +209,23 @@ def collapse_table(
     texts: Sequence[str] | None = None,
     seeds: Sequence[int] = (0, 1, 2),
     factor: float = 0.0,
+    match: str = "weights",
 ) -> list[CollapseRow]:
     """Perplexity of the base model, with the mask's weights scaled by ``factor`` (0: zeroed), and
-    with random masks of the same layout (one per seed)."""
+    with random masks (one per seed) from ``mask.random_like(seed, model, match)``: by default the same
+    neuron count and the same rows / columns per projection, so as many weights are touched."""
     texts = default_texts() if texts is None else texts
     label = "ablated" if factor == 0 else f"scaled x{factor:g}"
     base = evaluate_perplexity(model, tokenizer, texts)
     rows = [CollapseRow("base", 0, base, 1.0)]
     with scale(model, mask, factor):
         ppl = evaluate_perplexity(model, tokenizer, texts)
-    rows.append(CollapseRow(f"keystone {label}", mask.num_neurons, ppl, ppl / base))
+    rows.append(CollapseRow(f"keystone {label}", mask.num_neurons, ppl, ppl / base,
+                            mask.num_parameters(model, include_bias=False)))
     for seed in seeds:
-        rnd = mask.random_like(seed, model)
+        rnd = mask.random_like(seed, model, match=match)
         with scale(model, rnd, factor):
             ppl = evaluate_perplexity(model, tokenizer, texts)
-        rows.append(CollapseRow(f"random {label} (seed {seed})", rnd.num_neurons, ppl, ppl / base))
+        rows.append(CollapseRow(f"random {label} (seed {seed})", rnd.num_neurons, ppl, ppl / base,
+                                rnd.num_parameters(model, include_bias=False)))
     return rows
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
-    """A plain fixed-width text table."""
-    cells = [[str(h) for h in headers]] + [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)

@@ -156,3 +156,70 @@ def test_smoke_run_on_a_tiny_shape(monkeypatch):
     text = bench.report(results)
     assert "optimizer step, tiny shapes" in text and "train step" in text
     json.dumps(results, default=str)  # the plot is left to CI's `bench --quick` run (matplotlib takes seconds to import)
+
+
+def test_lora_rows_beside_dense_and_keystone(monkeypatch):
+    """PEFT LoRA train-step rows on a tiny shape: trainable count, optimizer state, the side-by-side summary."""
+    pytest.importorskip("peft", reason="LoRA rows need the optional peft package")
+    from keystone_kernels.bench.baselines import baseline_targets
+
+    monkeypatch.setitem(SHAPES, "tiny", TINY)
+    common = dict(batch=2, seq=8, warmup=1, reps=1)
+    lora = bench.train_worker(bench.TrainSpec("tiny", "lora", lora_r=2, **common))
+    # r (in + out) per projection: q, o 8x8 -> 32; k, v 4x8 -> 24; gate, up 16x8, down 8x16 -> 48; 2 layers
+    assert lora["trainable"] == 2 * (2 * 32 + 2 * 24 + 3 * 48) == 512 and lora["lora_r"] == 2
+    # exp_avg + exp_avg_sq in fp32, and torch AdamW's own 4-byte step per tensor (A and B of 14 projections)
+    assert lora["optimizer_state_bytes"] == 2 * 4 * 512 + 4 * 28
+    keystone = bench.train_worker(bench.TrainSpec("tiny", "keystone", fraction=0.1, backend="reference", **common))
+    # KeystoneAdamW: moments are views of two flat arenas, one step tensor shared by the group
+    assert keystone["optimizer_state_bytes"] == 2 * 4 * keystone["trainable"] + 4
+    dense = bench.train_worker(bench.TrainSpec("tiny", "dense", **common))
+    for r in (dense, keystone, lora):
+        r["memory_bytes"], r["flops"] = 1000, train_step_flops(TINY, 2, 8, None if r is dense else r["trainable"])
+    keystone["fraction"], lora["memory_bytes"] = 1e-3, 2000
+    results = {"machine": bench.machine_info(torch.device("cpu")), "config": {"device": "cpu", "default_backend": "reference"},
+               "train": [{"shape": "tiny", "device": "cpu", "batch": 2, "seq": 8, "dense": dense, "keystone": [keystone],
+                          "lora": [lora], "liger": []}]}
+    results["summary"] = bench.summarize(results)
+    rows = results["summary"]["rows"]["baselines"]
+    assert [r["kind"] for r in rows] == ["dense", "keystone", "lora"]
+    assert rows[2]["keystone_speedup"] == pytest.approx(lora["time"]["median"] / keystone["time"]["median"])
+    assert rows[2]["keystone_memory_ratio"] == 0.5 and rows[2]["memory_ratio_vs_dense"] == 2.0
+    assert "train step beside PEFT LoRA" in bench.report(results) and "LoRA r=2 (PEFT)" in bench.report(results)
+    # the issue-13 targets are read at SmolLM2-135M 4 x 128 (CPU): a row there is judged, a tiny one is not
+    assert baseline_targets(results, rows) == []
+    at_target = dict(rows[2], shape="smollm2-135m", batch=4, seq=128, rank=16, keystone_speedup=1.25, keystone_memory_ratio=0.7)
+    targets = baseline_targets(results, [at_target])
+    assert [(t["goal"], t["holds"]) for t in targets] == [(">= 1.2", True), ("< 1", True)]
+
+
+def test_bench_lora_and_liger_options():
+    from keystone_kernels.bench.cli import _parse_ranks
+    from keystone_kernels.cli import build_parser, main
+
+    assert _parse_ranks("8, 16,64") == (8, 16, 64) and _parse_ranks("none") == ()
+    with pytest.raises(ValueError, match="positive integers"):
+        _parse_ranks("8,x")
+    plan = bench.make_plan(torch.device("cpu"), quick=True)
+    assert plan.lora_ranks == (16,) and plan.baseline_steps == (("smollm2-135m", 4, 128),)
+    assert bench.make_plan(torch.device("cpu"), quick=False).lora_ranks == (8, 16, 64)
+    args = build_parser().parse_args(["bench", "--lora-ranks", "8", "--name", "x"])
+    assert args.lora_ranks == "8" and args.name == "x"
+    assert main(["bench", "--liger", "--device", "cpu"]) == 2  # Liger-Kernel is GPU only: a clear error, exit 2
+
+
+def test_a_failing_lora_row_keeps_the_dense_and_keystone_rows(monkeypatch):
+    """peft missing (or a LoRA worker failing) costs the LoRA row only; the failure is recorded."""
+    from keystone_kernels.bench import train as train_mod
+
+    def fake(spec, timeout=1800):
+        if spec.side == "lora":
+            raise RuntimeError("train-step worker (lora, tiny) failed with exit code 1:\nImportError: no peft")
+        return {"time": {"median": 2.0 if spec.side == "dense" else 1.0}, "trainable": 10, "peak_rss": 3, "rss_after_imports": 1,
+                "backend": spec.backend}
+
+    monkeypatch.setattr(train_mod, "run_train_subprocess", fake)
+    out = train_mod.bench_train(TINY, torch.device("cpu"), 2, 8, [(0.1, "reference")], lora_ranks=(16,), log=lambda s: None)
+    assert [r["time"]["median"] for r in [out["dense"], *out["keystone"]]] == [2.0, 1.0] and out["lora"] == []
+    assert out["failed"] == [{"row": "LoRA r=16", "error": "train-step worker (lora, tiny) failed with exit code 1:\n"
+                                                           "ImportError: no peft"}]

@@ -100,3 +100,37 @@ def test_triton_inductor_compile_cuda():
     for p, g in zip(keystone_parameters(model), eager):
         assert g.abs().sum() > 0
         assert float((p.grad - g).norm() / g.norm()) < 5e-2
+
+
+_FRESH = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch, keystone_kernels as kk
+from tiny import tiny_model
+assert "torch._dynamo" not in sys.modules, "importing keystone_kernels pulled in torch._dynamo"
+model = kk.patch(tiny_model("llama"), kk.KeystoneMask({("attn_q", 0, None): [1, 7], ("fwd_up", 1, None): [0]}),
+                 backend=sys.argv[2])
+ids = torch.tensor([[5, 6, 7, 8]])
+def step(ids):
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss
+from keystone_kernels.ops import dispatch
+dispatch._routes.clear()  # patch() ran ops eagerly: forget their routes, so tracing resolves them
+explain = torch._dynamo.explain(step)(ids)
+print("breaks", explain.graph_break_count)
+"""
+
+
+@pytest.mark.parametrize("backend", ["reference", "ext"])
+def test_fresh_process_first_op_call_inside_compile_does_not_break(backend):
+    """A route first resolved inside the compiled region (it may import Triton, build the extension or
+    warn) does not break the graph, and importing the package does not import torch._dynamo."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run([sys.executable, "-c", _FRESH, str(Path(__file__).parent), backend], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "breaks 0" in proc.stdout, proc.stdout[-2000:]

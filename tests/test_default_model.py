@@ -66,6 +66,24 @@ def test_cli_verify_with_a_saved_mask(tmp_path, default_model, capsys):
     assert main(["verify", "--mask", str(tmp_path / "missing.json")]) == 2
 
 
+def test_cli_find_with_the_papers_protocol(tmp_path, default_model, capsys):
+    """`find --positions generate` end to end: chat template, greedy answers, paper-compatible mask (~10 s)."""
+    from keystone_kernels.cli import main
+
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"math": ["What is 12 + 30?", "Is 91 a prime number?"],
+                                   "geo": ["What is the capital of Italy?", "Name a river in Africa."]}))
+    mask_path = tmp_path / "mask.json"
+    assert main(["find", "--prompts", str(prompts), "--positions", "generate", "--max-new-tokens", "8",
+                 "--paper-compatible", "--out", str(mask_path)]) == 0
+    out = capsys.readouterr().out
+    assert "overlap vs single" in out and "recorded tokens per group" in out
+    mask = KeystoneMask.from_json(mask_path)
+    meta = mask.metadata
+    assert meta["positions"] == "generate" and meta["chat"] is True and mask.num_neurons > 0
+    assert all(2 <= n <= 2 * 8 for n in meta["recorded_tokens"].values())
+
+
 def test_patched_forward_backward_peak_memory_is_at_most_half(default_model):
     """One sequence of 128 tokens. Figures are printed; the unpatched side is fp32 weights + full fp32 gradients.
 

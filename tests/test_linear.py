@@ -135,7 +135,7 @@ def test_conv1d_layout_and_merge(rng):
         module.weight_cols.mul_(-2.0)
         module.bias_rows.add_(0.5)
     module.sync_frozen()
-    weight, bias = module.merged_weight(torch.float32)
+    weight, bias = module.merged_weight(torch.float32, masters=True)
     want = conv.weight.t().clone()
     want[3] += 1.0
     keep = torch.ones(12, dtype=torch.bool)

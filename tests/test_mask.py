@@ -135,16 +135,16 @@ def test_set_algebra_matches_python_sets(seed):
 
 def test_random_like_keeps_counts_and_differs_by_seed(qwen3):
     mask = KeystoneMask({("attn_q", 0, None): [1, 2, 3], ("fwd_down", 1, None): [5], ("attn_k", 1, None): [0, 60]})
-    r0, r0b, r1 = mask.random_like(0, qwen3), mask.random_like(0, qwen3), mask.random_like(1, qwen3)
+    r0, r0b, r1 = (mask.random_like(s, qwen3, match="neurons") for s in (0, 0, 1))
     assert r0.counts() == mask.counts() == r1.counts()
     assert r0 == r0b and r0 != r1
     sizes = mask.index_sizes(qwen3)
     assert all(int(v.max()) < sizes[k] for k, v in r1.neurons.items())
     r1.validate(qwen3)
     with pytest.raises(ValueError, match="needs the model"):
-        mask.random_like(0)
+        mask.random_like(0, match="neurons")
     mask.metadata["sizes"] = {"attn_q/0": 64, "fwd_down/1": 72, "attn_k/1": 64}
-    assert mask.random_like(3).counts() == mask.counts()
+    assert mask.random_like(3, match="neurons").counts() == mask.counts()
 
 
 @pytest.mark.parametrize(
@@ -200,3 +200,130 @@ def test_unknown_architecture_lists_supported_ones_and_explicit_modules_work(qwe
             KeystoneMask({("fwd_up", 0, None): [1]}).validate(qwen3, modules={"up": "attn.q"})
     finally:
         qwen3.config.model_type = saved
+
+
+# ---------------------------------------------------------------------------------------- the paper's loaders
+def _paper_read_neuron(path):
+    """What the paper's train.py ``read_neuron`` does: every top-level value is a {layer: list} map and each
+    list becomes a set (a non-list value is wrapped in a list first)."""
+    raw = json.loads(path.read_text())
+    out = {}
+    for ntype, per_layer in raw.items():
+        out[ntype] = {}
+        for layer, idx in per_layer.items():
+            out[ntype][layer] = set(idx if isinstance(idx, (list, tuple)) else [idx])
+    return out
+
+
+def _paper_trainable(model, activate):
+    """What the paper's trainer ``mask_gradients`` leaves trainable in each projection weight: it looks up
+    ``activate[type]`` for all six types (KeyError if one is missing) with the layer as a string key,
+    maps attn_k / attn_v indices with head_dim = hidden // heads, and keeps rows (q, k, v, up) or columns
+    (o, down) of the kept indices. Returns {module path: bool [out, in]}."""
+    cfg = model.config
+    head_dim, kv = cfg.hidden_size // cfg.num_attention_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+    projections = {"self_attn.q_proj": ("attn_q", 0), "self_attn.k_proj": ("attn_k", 0),
+                   "self_attn.v_proj": ("attn_v", 0), "self_attn.o_proj": ("attn_o", 1),
+                   "mlp.up_proj": ("fwd_up", 0), "mlp.down_proj": ("fwd_down", 1)}
+    out = {}
+    for layer in range(cfg.num_hidden_layers):
+        for name, (ntype, dim) in projections.items():
+            idx = activate[ntype].get(str(layer), set())
+            if ntype in ("attn_k", "attn_v"):
+                idx = {((i // head_dim) // kv) * head_dim + i % head_dim for i in idx}
+            weight = model.get_submodule(f"model.layers.{layer}.{name}").weight
+            keep = torch.zeros(weight.shape, dtype=torch.bool)
+            if dim == 0:
+                keep[sorted(idx)] = True
+            else:
+                keep[:, sorted(idx)] = True
+            out[f"model.layers.{layer}.{name}"] = keep
+    return out
+
+
+def test_paper_compatible_json_loads_in_the_paper_trainer_and_means_the_same_weights(tmp_path):
+    model = tiny_model("llama")  # 4 heads, 2 kv heads, head_dim 12 = hidden // heads, as the paper assumes
+    mask = KeystoneMask({("attn_q", 0, None): [3, 40], ("attn_k", 1, None): [5, 17, 29], ("attn_v", 0, None): [47],
+                         ("attn_o", 1, None): [2], ("fwd_down", 0, None): [70, 1]},
+                        {"model": "tiny", "groups": {"a": 2}, "pairwise_iou": {"a & b": 0.5}})
+    old = tmp_path / "old.json"
+    mask.to_json(old)
+    with pytest.raises(TypeError, match="unhashable"):  # the bug this format fixes: __metadata__ holds dicts
+        _paper_read_neuron(old)
+    with pytest.raises(KeyError, match="fwd_up"):  # and a type the mask does not use is missing
+        types = {t: {k: set(v) for k, v in d.items()} for t, d in mask.to_dict().items() if t != "__metadata__"}
+        _paper_trainable(model, types)
+
+    path = tmp_path / "paper.json"
+    mask.to_json(path, paper_compatible=True)
+    raw = json.loads(path.read_text())
+    assert list(raw) == list(arch.PAPER_TYPES) and raw["fwd_up"] == {} and raw["attn_k"] == {"1": [5, 17, 29]}
+    trainable = _paper_trainable(model, _paper_read_neuron(path))
+    ours = mask.weight_indices(model)
+    for name, keep in trainable.items():
+        want = torch.zeros_like(keep)
+        if name in ours:
+            want[ours[name].rows] = True
+            want[:, ours[name].cols] = True
+        assert torch.equal(keep, want), name
+    assert sum(int(k.sum()) for k in trainable.values()) == mask.num_parameters(model, include_bias=False)
+    # the metadata went to the sidecar and comes back with the mask
+    assert json.loads((tmp_path / "paper.meta.json").read_text())["groups"] == {"a": 2}
+    back = KeystoneMask.from_json(path)
+    assert back == mask and back.metadata == mask.metadata
+
+
+def test_sidecar_is_removed_when_stale_and_residual_types_are_refused(tmp_path):
+    path = tmp_path / "m.json"
+    KeystoneMask({("attn_q", 0, None): [1]}, {"iou": 0.5}).to_json(path, paper_compatible=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.meta.json"]
+    KeystoneMask({("attn_q", 0, None): [2]}).to_json(path, paper_compatible=True)  # no metadata: no sidecar
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"] and KeystoneMask.from_json(path).metadata == {}
+    with pytest.raises(ValueError, match=r"only its six types .*'res_mlp'"):
+        KeystoneMask({("res_mlp", 0, None): [1]}).to_json(tmp_path / "r.json", paper_compatible=True)
+    assert not (tmp_path / "r.json").exists()
+
+
+# ---------------------------------------------------------------------------------------- the fair random control
+FAIR_MASKS = {
+    "llama": {("attn_k", 0, None): [0, 12, 24, 25], ("attn_v", 1, None): [5, 17, 41], ("attn_q", 1, None): [7],
+              ("attn_o", 0, None): [3, 4], ("res_attn", 0, None): [9], ("fwd_down", 1, None): [1, 2, 3]},
+    "qwen3": {("attn_k", 1, None): [0, 16, 33, 63], ("attn_v", 0, None): [2, 18, 34, 50], ("fwd_up", 0, None): [4]},
+    "gpt2": {("attn_q", 0, None): [1, 2], ("attn_k", 0, None): [3], ("attn_v", 0, None): [4, 5],
+             ("attn_o", 1, None): [6]},
+    "qwen3_moe": {("fwd_up", 0, 2): [1, 39], ("fwd_down", 0, 0): [5], ("res_mlp", 0, 0): [3],
+                  ("attn_k", 1, None): [0, 16]},
+}
+
+
+def _shape(indices):
+    return {k: (len(v.rows), len(v.cols)) for k, v in indices.items()}
+
+
+@pytest.mark.parametrize("family", sorted(FAIR_MASKS))
+def test_random_like_weights_keeps_rows_columns_and_parameters_per_projection(family):
+    model = tiny_model(family)
+    mask = KeystoneMask(FAIR_MASKS[family])
+    want = _shape(mask.weight_indices(model))
+    seen = []
+    for seed in range(4):
+        rnd = mask.random_like(seed, model)
+        assert rnd.counts() == mask.counts() and rnd.metadata["random_match"] == "weights"
+        assert _shape(rnd.weight_indices(model)) == want
+        assert rnd.num_parameters(model) == mask.num_parameters(model)
+        seen.append(rnd)
+    assert seen[0] == mask.random_like(0, model) and len({str(r.to_dict()) for r in seen}) == 4
+
+
+def test_random_like_neurons_is_unfair_under_gqa():
+    model = tiny_model("llama")
+    mask = KeystoneMask({("attn_k", 0, None): [0, 12]})  # heads 0 and 1 read kv head 0, channel 0: one row
+    assert mask.num_parameters(model) == 48
+    k_proj = "model.layers.0.self_attn.k_proj"
+    rows = [len(mask.random_like(s, model, match="neurons").weight_indices(model)[k_proj].rows) for s in range(8)]
+    assert max(rows) == 2  # neuron-count matching usually draws two rows, twice the weights
+    assert all(mask.random_like(s, model).num_parameters(model) == 48 for s in range(8))
+    with pytest.raises(ValueError, match="match='weights'\\) needs the model"):
+        mask.random_like(0)
+    with pytest.raises(ValueError, match="match must be one of"):
+        mask.random_like(0, model, match="rows")

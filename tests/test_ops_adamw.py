@@ -217,7 +217,7 @@ def test_skip_changes_nothing(any_backend):
 
 def test_layout_places_tensors_aligned_and_disjoint(rng):
     ks = Keystone(MIXED + LAYOUTS["multi_block"], rng, untargeted=2)
-    for layout, _, members in ks.groups:
+    for layout, _, _ in ks.groups:
         ends = [o + n * m for o, (n, m) in zip(layout.offsets, layout.shapes)]
         assert all(o % ALIGN == 0 for o in layout.offsets)
         assert all(e <= o for e, o in zip(ends, layout.offsets[1:])) and ends[-1] <= layout.numel

@@ -1,6 +1,5 @@
 """SFT data (formats, masking, errors), the training loop (modes, resume), shipped tasks."""
 
-import copy
 import json
 
 import pytest
@@ -9,7 +8,7 @@ from tiny import tiny_model, tiny_tokenizer
 
 from keystone_kernels import KeystoneMask, keystone_parameters, load_adapter
 from keystone_kernels.adapter import read_adapter
-from keystone_kernels.sft import SFTConfig, batch_indices, train
+from keystone_kernels.sft import SFTConfig, batch_indices, latest_checkpoint, train
 from keystone_kernels.sft_data import IGNORE, SFTDataset, collate, load_sft_dataset, pack, read_rows
 from keystone_kernels.tasks import addition_problems, multistep_problems, shipped_path, write_shipped
 
@@ -163,7 +162,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_adapter(tok, tmp_path):
 
     with pytest.raises(Interrupt):
         train(tiny_model("llama"), tok, KeystoneMask(MASK), ds, config, tmp_path / "resumed", progress=False, on_step=stop_after_checkpoint)
-    state = json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())
+    state = json.loads((latest_checkpoint(tmp_path / "resumed") / "state.json").read_text())
     assert state["step"] == 3
     result = train(tiny_model("llama"), tok, None, ds, config, tmp_path / "resumed", resume=True, progress=False)
     assert result.resumed_from == 3 and len(result.losses) == 8
@@ -176,7 +175,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_adapter(tok, tmp_path):
 
 def test_config_errors():
     with pytest.raises(ValueError, match="mode must be one of"):
-        SFTConfig(mode="lora")
+        SFTConfig(mode="adapter")
     with pytest.raises(ValueError, match="steps must be >= 1"):
         SFTConfig(steps=0)
     with pytest.raises(ValueError, match="lr must be > 0"):
@@ -189,7 +188,9 @@ def test_shipped_tasks_are_reproducible_and_disjoint(tmp_path):
         assert (tmp_path / shipped_path(name).name).read_bytes() == shipped_path(name).read_bytes(), name
     train_rows, eval_rows = addition_problems()
     assert len(train_rows) == 2000 and len(eval_rows) == 100
-    pairs = lambda rows: {tuple(int(x) for x in r["response"].split(" = ")[0].split(" + ")) for r in rows}
+    def pairs(rows):
+        return {tuple(int(x) for x in r["response"].split(" = ")[0].split(" + ")) for r in rows}
+
     assert not pairs(train_rows) & pairs(eval_rows)
     for r in train_rows[:50] + multistep_problems()[1][:50]:
         assert r["response"].endswith(r["answer"])

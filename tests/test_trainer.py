@@ -86,3 +86,22 @@ def test_trainer_checkpoints_are_adapters_and_resume(tmp_path):
         resume_from_checkpoint=str(ckpt))
     for a, b in zip(keystone_parameters(resumed), keystone_parameters(model)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_load_best_model_at_end_reloads_the_best_adapter(tmp_path):
+    from keystone_kernels.adapter import read_adapter
+
+    tok, base, model, data, collator = _setup()
+    args = _args(tmp_path, save_strategy="steps", save_steps=1, eval_strategy="steps", eval_steps=1,
+                 # "best" = highest eval loss: an early checkpoint, so reloading it is visible
+                 load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True)
+    trainer = KeystoneTrainer(model=model, args=args, train_dataset=data, eval_dataset=data, data_collator=collator,
+                              processing_class=tok)
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith(f"checkpoint-{trainer.state.global_step}")
+    saved, _ = read_adapter(os.path.join(best, ADAPTER_NAME))
+    modules = keystone_modules(model)
+    for name, value in saved.items():
+        path, _, attr = name.rpartition(".")
+        assert torch.equal(getattr(modules[path], attr).detach(), value), f"{name} is not the best checkpoint's"

@@ -146,5 +146,7 @@ def test_collapse_table_rows():
     rows = collapse_table(model, tok, mask, texts=PROMPTS["a"], seeds=[0, 1])
     assert [r.condition for r in rows] == ["base", "keystone ablated", "random ablated (seed 0)", "random ablated (seed 1)"]
     assert rows[0].ratio == 1.0 and all(r.neurons == mask.num_neurons for r in rows[1:])
+    # the fair control: as many weights as the keystone mask (attn_k 3 and 40 read different k rows here)
+    assert all(r.weights == mask.num_parameters(model, include_bias=False) > 0 for r in rows[1:])
     assert all(r.ratio == pytest.approx(r.perplexity / rows[0].perplexity) for r in rows)
     assert rows[1].perplexity != rows[0].perplexity

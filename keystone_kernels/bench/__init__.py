@@ -13,6 +13,9 @@ downloaded):
 - **train step** (forward + backward + optimizer): a patched model with KeystoneAdamW against
   dense full fine-tuning with torch AdamW, in a fresh subprocess per side so that peak memory
   (RSS on CPU, ``max_memory_allocated`` on CUDA) belongs to that side alone;
+- **the baseline users would pick instead**: PEFT LoRA (r = 8 / 16 / 64 on the same seven
+  projections, torch AdamW over the adapters) beside dense and keystone in the train-step
+  benchmark, and on CUDA optionally Liger-Kernel rows (:mod:`.baselines`);
 - **roofline**: bytes moved by each optimizer step (:func:`keystone_step_bytes`,
   :func:`dense_adamw_bytes`) over the measured device bandwidth, FLOPs of the weight gradient
   (:func:`wgrad_flops`) and of a train step (:func:`train_step_flops`), kernel launches per step

@@ -38,6 +38,16 @@ def _parse_train_steps(text: str, plan: Plan) -> list[tuple[str, int, int, list[
     return steps
 
 
+def _parse_ranks(text: str) -> tuple[int, ...]:
+    """``--lora-ranks``: comma-separated positive integers, or ``none``."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"--lora-ranks {text!r}: expected comma-separated positive integers, e.g. 8,16,64, or none")
+    return tuple(int(p) for p in parts)
+
+
 def cmd_bench(args) -> int:
     if args.report:
         results = rerender(args.report)
@@ -55,12 +65,20 @@ def cmd_bench(args) -> int:
                      parts=args.parts.split(",") if args.parts else None, budget_gb=args.mem_budget_gb)
     if args.train_steps:
         plan.train = _parse_train_steps(args.train_steps, plan)
+        # LoRA / Liger rows beside explicit train steps only when asked for (gpu_check.sh times one step)
+        plan.baseline_steps = tuple((s, b, q) for s, b, q, _ in plan.train) if args.lora_ranks or args.liger else ()
+    if args.lora_ranks is not None:
+        plan.lora_ranks = _parse_ranks(args.lora_ranks)
+    if args.liger:
+        if device.type != "cuda":
+            raise ValueError("--liger: Liger-Kernel runs Triton GPU kernels; use it with --device cuda")
+        plan.liger = True
     available = bench_backends(device)
     missing = [b for b in plan.backends if b not in available]
     if missing:
         raise RuntimeError(f"backends {missing} cannot run on {device.type} here (available: {', '.join(available) or 'none'})")
     start = time.perf_counter()
-    results = run(plan, args.out)
+    results = run(plan, args.out, file_stem=args.name)
     print()
     print(report(results))
     print(f"\nwrote {', '.join(results['files'].values())} in {time.perf_counter() - start:.0f} s")
@@ -84,6 +102,14 @@ def add_bench_command(sub) -> None:
                         "0.1%% or else the first of --fractions, with the default backend); independent of --shapes")
     p.add_argument("--report", metavar="JSON", help="measure nothing: recompute the summary of a results JSON and "
                                                      "rewrite its tables (.md) and plot (.png) beside it")
+    p.add_argument("--lora-ranks", metavar="R[,R...]",
+                   help="PEFT LoRA rows (on q, k, v, o, gate, up, down) beside the SmolLM2 4x128 (CPU) / Llama-3.2-1B "
+                        "4x2048 (CUDA) train step, or beside every --train-steps step; 'none' for none (default: 16 with "
+                        "--quick, else 8,16,64; none with --train-steps)")
+    p.add_argument("--liger", action="store_true",
+                   help="CUDA: also time keystone and LoRA r=16 with Liger-Kernel's Llama kernels (untested; needs "
+                        "liger-kernel)")
+    p.add_argument("--name", help="file stem of the results (default bench_<device>[_quick])")
     p.add_argument("--mem-budget-gb", type=float, help="memory the optimizer benchmark may use (default: CPU min(6, 40%% of "
                                                       "available) GiB, CUDA 40%% of free)")
     p.set_defaults(func=cmd_bench)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -28,7 +28,7 @@ class OptimizerCase:
     frozen: dict[str, torch.Tensor]
 
     @classmethod
-    def build(cls, shape: Shape, layers: int, device: str | torch.device, seed: int = 0) -> "OptimizerCase":
+    def build(cls, shape: Shape, layers: int, device: str | torch.device, seed: int = 0) -> OptimizerCase:
         device = torch.device(device)
         gen = torch.Generator(device=device).manual_seed(seed)
         frozen = {}
@@ -44,7 +44,7 @@ class OptimizerCase:
     def mask(self, fraction: float, seed: int = 0):
         return synthetic_mask(self.meta, fraction, seed)
 
-    def dense(self, fraction: float, seed: int = 0) -> "DenseAdamWSetup":
+    def dense(self, fraction: float, seed: int = 0) -> DenseAdamWSetup:
         """fp32 copies of the weights with random gradients, and the bool masks of ``fraction``'s mask."""
         gen = torch.Generator(device=self.device).manual_seed(seed + 1)
         indices = self.mask(fraction, seed).weight_indices(self.meta)
@@ -61,7 +61,7 @@ class OptimizerCase:
             masks.append(m)
         return DenseAdamWSetup(weights, masks)
 
-    def keystone(self, fraction: float, backend: str, seed: int = 0) -> "KeystoneSetup":
+    def keystone(self, fraction: float, backend: str, seed: int = 0) -> KeystoneSetup:
         """KeystoneLinear modules over the frozen weights (shared, not copied) with random keystone grads."""
         from ..linear import KeystoneLinear
 

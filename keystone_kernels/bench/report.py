@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from .shapes import SHAPES
 from .timing import _GIB
@@ -91,6 +91,10 @@ def summarize(results: dict) -> dict:
         target("peak memory ratio, Llama-3.2-1B, 4 x 2048, 0.1%", tr, "memory_ratio", 0.3, higher=False)
         target("full train step, Llama-3.2-1B, 1 x 512, 0.1%, vs dense AdamW",
                best("train", "speedup", shape="llama-3.2-1b", seq=512, batch=1, fraction=1e-3), "speedup", 3)
+    from .baselines import baseline_rows, baseline_targets
+
+    rows["baselines"] = baseline_rows(results)  # PEFT LoRA (and Liger) beside dense and keystone
+    targets += baseline_targets(results, rows["baselines"])
     return {"rows": rows, "targets": targets}
 
 
@@ -103,13 +107,9 @@ def _fmt(v, spec: str = ".3g") -> str:
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence], markdown: bool) -> str:
-    if not markdown:
-        from ..verify import format_table
+    from ..tables import format_table
 
-        return format_table(headers, rows)
-    cells = [[str(c) for c in r] for r in rows]
-    return "\n".join(["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-                     + ["| " + " | ".join(r) + " |" for r in cells])
+    return format_table(headers, rows, markdown)
 
 
 def report(results: dict, markdown: bool = False) -> str:
@@ -173,6 +173,10 @@ def report(results: dict, markdown: bool = False) -> str:
               _fmt(r["tokens_per_s"], ".0f"), _fmt(r["speedup"]), _fmt(r["flop_bound"]),
               _fmt(ks[(r["fraction"], r["backend"])]["memory_bytes"] / _GIB), _fmt(r["memory_ratio"])]
              + ([_fmt(r["memory_ratio_absolute_rss"])] if cpu else []) for r in rows], markdown))
+    if s["rows"].get("baselines"):
+        from .baselines import baseline_table
+
+        lines.append(baseline_table(results, markdown))
     if s["targets"]:
         title("targets (docs/design.md section 8)")
         lines.append(_table(["target", "backend", "measured", "goal", "holds"],
@@ -190,7 +194,7 @@ def plot(results: dict, path: str | os.PathLike) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    rows = results["summary"]["rows"]
+    rows = {k: v for k, v in results["summary"]["rows"].items() if k in ("optimizer", "wgrad", "train")}
     shapes = sorted({r["shape"] for kind in rows.values() for r in kind}, key=list(SHAPES).index)
     if not shapes:
         return False

@@ -6,12 +6,13 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
+from .baselines import plot_baselines
 from .optimizer import bench_host, bench_optimizer
 from .report import plot, report, summarize
 from .shapes import FRACTIONS, SHAPES, Shape
@@ -40,6 +41,10 @@ class Plan:
     parts: tuple[str, ...] = ("host", "optimizer", "wgrad", "train")
     default_backend: str | None = None  # what backend="auto" picks on the device, quoted by the targets
     notes: list[str] = field(default_factory=list)
+    # PEFT LoRA rows (and, with liger, Liger-Kernel rows) beside these (shape, batch, seq) train steps
+    lora_ranks: tuple[int, ...] = ()
+    baseline_steps: tuple[tuple[str, int, int], ...] = ()
+    liger: bool = False
 
 
 def bench_backends(device: torch.device) -> list[str]:
@@ -86,6 +91,10 @@ def make_plan(device: torch.device, quick: bool, backends: Sequence[str] | None 
         train = [t for t in train if t[0] in shapes] or [(s, 4, 128 if not cuda else 512, [(1e-3, auto)]) for s in shapes[:1]]
     train = [(s, b, q, [(f, k) for f, k in cases if f in fr and k in bk]) for s, b, q, cases in train]
     train = [t for t in train if t[3]]
+    # the baseline users would pick instead: PEFT LoRA on the same seven projections (issue 13's targets)
+    wanted = ("llama-3.2-1b", 4, 2048) if cuda else ("smollm2-135m", 4, 128)
+    baseline_steps = tuple((s, b, q) for s, b, q, _ in train if (s, b, q) == wanted)
+    lora_ranks = (16,) if quick else (8, 16, 64)
     total = _free_device_bytes(device)
     budget = int(budget_gb * _GIB) if budget_gb else int(min(6 * _GIB, 0.4 * total) if not cuda else 0.4 * total)
     known_parts = ("host", "optimizer", "wgrad", "train")
@@ -96,7 +105,7 @@ def make_plan(device: torch.device, quick: bool, backends: Sequence[str] | None 
                 # a dense train step on the CPU settles only after a few steps (the allocator's heap grows
                 # to its working set; until then large buffers are mapped and faulted in afresh)
                 warmup=1, reps=3 if quick else 5, train_warmup=2 if quick else 3, train_reps=3 if quick else 5,
-                budget=budget, parts=parts, default_backend=auto)
+                budget=budget, parts=parts, default_backend=auto, lora_ranks=lora_ranks, baseline_steps=baseline_steps)
 
 
 def _train_fits(shape: Shape, batch: int, seq: int, device: torch.device) -> tuple[bool, str]:
@@ -107,13 +116,13 @@ def _train_fits(shape: Shape, batch: int, seq: int, device: torch.device) -> tup
     return ok, f"dense needs ~{need / _GIB:.0f} GiB, {have / _GIB:.0f} GiB {'total' if device.type == 'cuda' else 'available'}"
 
 
-def run(plan: Plan, out_dir: str | os.PathLike, log: Callable[[str], None] = print) -> dict:
-    """Run ``plan``; write ``bench_<device>[_quick].json`` (after every part), ``.md`` (the tables) and
-    ``.png`` (the plot) in ``out_dir``."""
+def run(plan: Plan, out_dir: str | os.PathLike, log: Callable[[str], None] = print, file_stem: str | None = None) -> dict:
+    """Run ``plan``; write ``<stem>.json`` (after every part), ``.md`` (the tables), ``.png`` (the plot) and,
+    with LoRA rows, ``<stem>_train.png`` in ``out_dir``; ``file_stem`` defaults to ``bench_<device>[_quick]``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = plan.device
-    stem = f"bench_{device.type}{'_quick' if plan.quick else ''}"
+    stem = file_stem or f"bench_{device.type}{'_quick' if plan.quick else ''}"
     json_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
     bw = copy_bandwidth(device)
     bandwidth = bw["limit"]
@@ -122,7 +131,8 @@ def run(plan: Plan, out_dir: str | os.PathLike, log: Callable[[str], None] = pri
         "config": {"device": device.type, "quick": plan.quick, "fractions": list(plan.fractions), "backends": list(plan.backends),
                    "default_backend": plan.default_backend,
                    "warmup": plan.warmup, "reps": plan.reps, "train_warmup": plan.train_warmup, "train_reps": plan.train_reps,
-                   "budget_bytes": plan.budget,
+                   "budget_bytes": plan.budget, "lora_ranks": list(plan.lora_ranks),
+                   "baseline_steps": [list(t) for t in plan.baseline_steps], "liger": plan.liger,
                    "bandwidth": bw, "loadavg_start": loadavg(), "notes": plan.notes,
                    "command": " ".join(sys.argv)},
         "host": [], "optimizer": [], "wgrad": [], "train": [],
@@ -166,8 +176,10 @@ def run(plan: Plan, out_dir: str | os.PathLike, log: Callable[[str], None] = pri
                 results["config"]["notes"].append(f"train step {name} {batch}x{seq} skipped: {why}")
                 continue
             try:
+                is_baseline = (name, batch, seq) in plan.baseline_steps
                 results["train"].append(bench_train(SHAPES[name], device, batch, seq, cases, warmup=plan.train_warmup,
-                                                    reps=plan.train_reps, log=log))
+                                                    reps=plan.train_reps, log=log, liger=plan.liger and is_baseline,
+                                                    lora_ranks=plan.lora_ranks if is_baseline else ()))
                 results["train"][-1]["loadavg"] = loadavg()
             except (RuntimeError, subprocess.TimeoutExpired) as err:
                 log(f"train step {name} {batch}x{seq}: FAILED: {err}")
@@ -180,6 +192,8 @@ def run(plan: Plan, out_dir: str | os.PathLike, log: Callable[[str], None] = pri
     results["files"]["markdown"] = str(md_path)
     if plot(results, png_path):
         results["files"]["plot"] = str(png_path)
+    if plot_baselines(results, out_dir / f"{stem}_train.png"):
+        results["files"]["train_plot"] = str(out_dir / f"{stem}_train.png")
     return results
 
 
@@ -195,4 +209,7 @@ def rerender(json_path: str | os.PathLike) -> dict:
     results["files"]["markdown"] = str(md_path)
     if plot(results, json_path.with_suffix(".png")):
         results["files"]["plot"] = str(json_path.with_suffix(".png"))
+    train_png = json_path.with_name(json_path.stem + "_train.png")
+    if plot_baselines(results, train_png):
+        results["files"]["train_plot"] = str(train_png)
     return results

@@ -11,9 +11,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -29,7 +29,7 @@ class TrainSpec:
     """One side of a train-step comparison, run by :func:`train_worker` in a fresh process."""
 
     shape: str
-    side: str  # "dense" or "keystone"
+    side: str  # "dense", "keystone" or "lora" (PEFT LoRA of rank lora_r on the seven projections)
     device: str = "cpu"
     batch: int = 4
     seq: int = 128
@@ -38,6 +38,8 @@ class TrainSpec:
     warmup: int = 1
     reps: int = 2
     seed: int = 0
+    lora_r: int = 16
+    liger: bool = False  # apply_liger_kernel_to_llama() before building the model (CUDA, Llama shapes)
 
 
 def _proc_status(field_name: str) -> int | None:
@@ -66,13 +68,21 @@ def build_train_step(spec: TrainSpec) -> tuple[Callable[[], None], dict]:
     fp32 master weights with bf16 autocast on CUDA. keystone: the model built in bf16, then
     ``patch(model, mask, frozen_dtype=bf16)`` with a :func:`synthetic_mask` of ``spec.fraction``
     (embeddings / norms back to fp32 on CPU, where KeystoneLinear computes in fp32; bf16
-    activations on CUDA), KeystoneAdamW. Same random tokens (``labels = input_ids``) on both sides.
+    activations on CUDA), KeystoneAdamW. lora: PEFT LoRA of rank ``spec.lora_r`` (alpha 2 r, fp32
+    adapters) on q, k, v, o, gate, up, down of a frozen base (CPU: fp32, CUDA: bf16 with bf16
+    autocast), torch AdamW over the adapters (foreach / fused). Same random tokens (``labels =
+    input_ids``) on every side. ``spec.liger``: Liger-Kernel's Llama kernels first (CUDA only).
+    The optimizer is returned as ``step.optimizer``.
     """
     from ..optim import KeystoneAdamW
     from ..patching import keystone_parameters, patch
 
     device = torch.device(spec.device)
     shape = SHAPES[spec.shape]
+    if spec.liger:
+        from .baselines import apply_liger
+
+        apply_liger(shape, device)
     gen = torch.Generator().manual_seed(spec.seed + 1)
     ids = torch.randint(0, shape.vocab, (spec.batch, spec.seq), generator=gen).to(device)
     info: dict = {"spec": asdict(spec)}
@@ -92,8 +102,19 @@ def build_train_step(spec: TrainSpec) -> tuple[Callable[[], None], dict]:
         opt = KeystoneAdamW(params, lr=1e-5, weight_decay=0.01, backend=spec.backend)
         info.update(neurons=mask.num_neurons, backend=model._keystone.backend, optimizer="KeystoneAdamW")
         autocast = contextlib.nullcontext
+    elif spec.side == "lora":
+        from ..lora import add_lora, lora_optimizer
+
+        cuda = device.type == "cuda"
+        model = build_model(shape, device=device, dtype=torch.bfloat16 if cuda else torch.float32, seed=spec.seed)
+        add_lora(model, r=spec.lora_r)
+        opt = lora_optimizer(model, lr=1e-5, weight_decay=0.01)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        info.update(optimizer=f"torch AdamW({'fused' if cuda else 'foreach'})", lora_r=spec.lora_r,
+                    base_dtype="bfloat16" if cuda else "float32")
+        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     else:
-        raise ValueError(f"side must be 'dense' or 'keystone', got {spec.side!r}")
+        raise ValueError(f"side must be 'dense', 'keystone' or 'lora', got {spec.side!r}")
     model.train()
     info["trainable"] = sum(p.numel() for p in params)
 
@@ -104,6 +125,7 @@ def build_train_step(spec: TrainSpec) -> tuple[Callable[[], None], dict]:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    step.optimizer = opt
     return step, info
 
 
@@ -133,6 +155,7 @@ def train_worker(spec: TrainSpec) -> dict:
         alloc_setup = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     t = measure(step, device, warmup=spec.warmup, reps=spec.reps)
+    info["optimizer_state_bytes"] = optimizer_state_bytes(step.optimizer)
     tokens = spec.batch * spec.seq
     hwm = _proc_status("VmHWM")
     info.update(time=t.as_dict(), tokens=tokens, tokens_per_s=tokens / t.median,
@@ -161,6 +184,14 @@ def run_train_subprocess(spec: TrainSpec, timeout: float = 1800) -> dict:
     raise RuntimeError(f"train-step worker ({spec.side}, {spec.shape}) failed with exit code {proc.returncode}:\n{tail}")
 
 
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of the optimizer's state tensors, each storage region counted once (KeystoneAdamW's state are
+    views of flat arenas, and its step counter is one tensor shared by every parameter of a group)."""
+    seen = {(t.data_ptr(), t.numel() * t.element_size()) for s in optimizer.state.values() for t in s.values()
+            if torch.is_tensor(t)}
+    return sum(n for _, n in seen)
+
+
 def _train_memory(r: dict, device: str) -> int:
     """The memory a train step needs: CUDA peak allocated; CPU peak RSS above the RSS right after imports."""
     if device == "cuda":
@@ -169,9 +200,13 @@ def _train_memory(r: dict, device: str) -> int:
 
 
 def bench_train(shape: Shape, device: torch.device, batch: int, seq: int, cases: Sequence[tuple[float, str]],
-                *, warmup: int = 1, reps: int = 2, seed: int = 0, log: Callable[[str], None] = print) -> dict:
-    """Full train step: dense full fine-tuning vs keystone ``(fraction, backend)`` cases, one process each."""
-    out = {"shape": shape.name, "device": device.type, "batch": batch, "seq": seq, "keystone": []}
+                *, warmup: int = 1, reps: int = 2, seed: int = 0, log: Callable[[str], None] = print,
+                lora_ranks: Sequence[int] = (), liger: bool = False) -> dict:
+    """Full train step: dense full fine-tuning vs keystone ``(fraction, backend)`` cases, one process each.
+
+    ``lora_ranks``: PEFT LoRA rows beside them (``out["lora"]``); ``liger``: the first keystone case
+    and LoRA r=16 again with Liger-Kernel applied (``out["liger"]``; CUDA, Llama shapes)."""
+    out = {"shape": shape.name, "device": device.type, "batch": batch, "seq": seq, "keystone": [], "lora": [], "liger": []}
     common = dict(shape=shape.name, device=device.type, batch=batch, seq=seq, warmup=warmup, reps=reps, seed=seed)
     dense = run_train_subprocess(TrainSpec(side="dense", **common))
     dense["memory_bytes"] = _train_memory(dense, device.type)
@@ -187,6 +222,22 @@ def bench_train(shape: Shape, device: torch.device, batch: int, seq: int, cases:
         out["keystone"].append(r)
         log(f"  keystone {100 * fraction:g}% {r['backend']}: {r['time']['median']:.3f} s/step, "
             f"{r['memory_bytes'] / _GIB:.2f} GiB")
+    extra = [("lora", dict(side="lora", lora_r=r)) for r in lora_ranks]
+    if liger and cases:
+        extra += [("liger", dict(side="keystone", fraction=cases[0][0], backend=cases[0][1], liger=True)),
+                  ("liger", dict(side="lora", lora_r=16, liger=True))]
+    for where, kw in extra:
+        what = (f"LoRA r={kw['lora_r']}" if kw["side"] == "lora" else f"keystone {100 * kw['fraction']:g}%") + (
+            " + Liger" if kw.get("liger") else "")
+        try:  # a missing optional package (peft, liger-kernel) costs its row, not the dense and keystone ones
+            r = run_train_subprocess(TrainSpec(**kw, **common))
+        except (RuntimeError, subprocess.TimeoutExpired) as err:
+            log(f"  {what}: FAILED: {str(err).splitlines()[-1] if str(err) else err!r}")
+            out.setdefault("failed", []).append({"row": what, "error": str(err)[-2000:]})
+            continue
+        r["memory_bytes"] = _train_memory(r, device.type)
+        out[where].append(r)
+        log(f"  {what}: {r['time']['median']:.3f} s/step, {r['memory_bytes'] / _GIB:.2f} GiB, {r['trainable']:,} trainable")
     return out
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -35,7 +35,7 @@ class WgradCase:
     dys: dict[str, torch.Tensor]
 
     @classmethod
-    def build(cls, shape: Shape, tokens: int, device: str | torch.device, seed: int = 0) -> "WgradCase":
+    def build(cls, shape: Shape, tokens: int, device: str | torch.device, seed: int = 0) -> WgradCase:
         device = torch.device(device)
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
         gen = torch.Generator(device=device).manual_seed(seed)

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import warnings
 import weakref
-from collections.abc import Sequence
 from types import ModuleType
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import FakeTensor
 
 from . import reference
 from .layout import SCALARS, FlatLayout
@@ -154,7 +153,12 @@ def _backend_module(name: str) -> ModuleType:
 
 def _has_values(t: Tensor) -> bool:
     """False for the fake / meta tensors of torch.compile and export: their values cannot be read."""
-    return not (torch.compiler.is_compiling() or t.is_meta or isinstance(t, FakeTensor))
+    if torch.compiler.is_compiling() or t.is_meta:
+        return False
+    # Not imported at start-up (it pulls in torch._dynamo, seconds per process): where the module
+    # was never loaded, no fake tensor can exist.
+    fake = sys.modules.get("torch._subclasses.fake_tensor")
+    return fake is None or not isinstance(t, fake.FakeTensor)
 
 
 def _check_tensor(name: str, t, *, dim: int, dtypes=None, device: torch.device | None = None) -> None:
@@ -200,7 +204,6 @@ def _check_index(name: str, idx, bound: int, device: torch.device, *, unique: bo
 _routes: dict[tuple[str | None, str, str | None], ModuleType] = {}
 
 
-@torch.compiler.assume_constant_result
 def _resolve_route(backend: str | None, device_type: str, env: str | None) -> str:
     """The backend name for a route, importing its module. torch.compile runs this eagerly and takes
     its result as a constant, so that a first op call inside a compiled region (which may import
@@ -210,11 +213,19 @@ def _resolve_route(backend: str | None, device_type: str, env: str | None) -> st
     return name
 
 
+# What torch.compiler.assume_constant_result does (it sets this attribute and returns the function),
+# written out: the decorator imports torch._dynamo, which costs 2-3 s at every process start
+# (each torchrun rank, each benchmark worker). tests/test_compile.py checks the effect.
+_resolve_route._dynamo_marked_constant = True
+
+
 def _route(backend: str | None, device: torch.device) -> ModuleType:
     key = (backend, device.type, os.environ.get(_ENV))
     module = _routes.get(key)
     if module is None:
-        module = _routes[key] = _backend_module(_resolve_route(*key))
+        module = _backend_module(_resolve_route(*key))
+        if not torch.compiler.is_compiling():  # a write while tracing (e.g. in a backward) would break the graph
+            _routes[key] = module
     return module
 
 

@@ -1,0 +1,181 @@
+"""The baselines users would pick instead of keystone training: PEFT LoRA (and Liger-Kernel on the GPU).
+
+:func:`bench_train` times them beside dense and keystone (``results["train"][i]["lora"]`` and
+``["liger"]``); here are their rows (:func:`baseline_rows`), the targets they are judged by
+(:func:`baseline_targets`), their table (:func:`baseline_table`) and a bar plot (:func:`plot_baselines`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .cost import train_step_flops
+from .shapes import SHAPES, Shape
+from .timing import _GIB
+
+_MIB = 1024**2
+# issue 13: keystone (0.1%) against LoRA r=16 on the same seven projections, same tokens
+TARGET_RANK = 16
+TARGETS = {"cpu": ("smollm2-135m", 4, 128, 1.2), "cuda": ("llama-3.2-1b", 4, 2048, 1.0)}
+
+
+def apply_liger(shape: Shape, device: torch.device) -> None:
+    """``liger_kernel.transformers.apply_liger_kernel_to_llama()`` (RoPE, RMSNorm, SwiGLU, fused linear
+    cross-entropy) for models built afterwards. CUDA and Llama shapes only; untested until a GPU run."""
+    if device.type != "cuda":
+        raise ValueError("Liger-Kernel runs Triton GPU kernels: liger=True needs a CUDA device")
+    if shape.family != "llama":
+        raise ValueError(f"Liger rows are built for Llama shapes; {shape.name} is a {shape.family} model")
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+    except ImportError as err:
+        raise RuntimeError("liger=True needs the liger-kernel package: pip install liger-kernel") from err
+    apply_liger_kernel_to_llama()
+
+
+def lora_flop_bound(shape: Shape, batch: int, seq: int, lora_params: int, keystone_params: int) -> float:
+    """GEMM FLOPs of a LoRA train step over those of a keystone one (:func:`train_step_flops`): the most
+    keystone can gain by FLOPs alone. Both skip the dense weight gradient; LoRA adds ``x A^T``, ``(x A^T) B^T``
+    and their input and weight gradients, ``6 T`` FLOPs per adapter weight; keystone adds ``2 T`` per keystone
+    weight. (At SmolLM2-135M, 4 x 128, 0.1%: 1.03x at r=8, 1.05x at r=16, 1.21x at r=64.)"""
+    k = train_step_flops(shape, batch, seq, keystone_params)
+    return (k["forward"] + k["input_grad"] + 6 * batch * seq * lora_params) / k["total"]
+
+
+def _row(tr: dict, r: dict, kind: str, config: str) -> dict:
+    t = r["time"]["median"]
+    d = tr["dense"]
+    return {"shape": tr["shape"], "batch": tr["batch"], "seq": tr["seq"], "kind": kind, "config": config,
+            "fraction": r.get("fraction"), "rank": r.get("lora_r") if "lora" in kind else None,
+            "backend": r.get("backend"), "trainable": r["trainable"], "optimizer_state_bytes": r.get("optimizer_state_bytes"),
+            "time_s": t, "tokens_per_s": r["tokens_per_s"], "memory_bytes": r["memory_bytes"],
+            "speedup_vs_dense": d["time"]["median"] / t, "memory_ratio_vs_dense": r["memory_bytes"] / d["memory_bytes"]}
+
+
+def baseline_rows(results: dict) -> list[dict]:
+    """Per train step that has LoRA (or Liger) rows: dense, keystone, LoRA and Liger rows side by side.
+
+    LoRA rows also carry ``keystone_speedup`` (LoRA time / keystone time) and ``keystone_memory_ratio``
+    (keystone memory / LoRA memory) against the keystone row at 0.1% of the default backend (else the
+    first keystone row); Liger LoRA rows against the Liger keystone row.
+    """
+    default_backend = results["config"].get("default_backend")
+    rows: list[dict] = []
+    for tr in results.get("train", []):
+        if not tr.get("lora") and not tr.get("liger"):
+            continue
+        here = [_row(tr, tr["dense"], "dense", f"dense ({tr['dense'].get('optimizer', 'AdamW')})")]
+        keystone = [_row(tr, k, "keystone", f"keystone {100 * k['fraction']:g}% [{k['backend']}]") for k in tr["keystone"]]
+        here += keystone
+        ref = ([r for r in keystone if r["backend"] == default_backend and abs(r["fraction"] - 1e-3) < 1e-12]
+               or keystone[:1])
+        for r in tr.get("lora", []):
+            here.append(_row(tr, r, "lora", f"LoRA r={r['lora_r']} (PEFT)"))
+            if ref:
+                here[-1].update(keystone_speedup=here[-1]["time_s"] / ref[0]["time_s"],
+                                keystone_memory_ratio=ref[0]["memory_bytes"] / here[-1]["memory_bytes"],
+                                keystone_reference=ref[0]["config"])
+                if tr["shape"] in SHAPES:
+                    here[-1]["keystone_flop_bound"] = lora_flop_bound(SHAPES[tr["shape"]], tr["batch"], tr["seq"],
+                                                                      r["trainable"], ref[0]["trainable"])
+        liger_ref = None
+        for r in tr.get("liger", []):
+            if r["spec"]["side"] == "keystone":
+                liger_ref = _row(tr, r, "keystone+liger", f"keystone {100 * r['spec']['fraction']:g}% + Liger")
+                here.append(liger_ref)
+            else:
+                here.append(_row(tr, r, "lora+liger", f"LoRA r={r['lora_r']} + Liger"))
+                if liger_ref is not None:
+                    here[-1].update(keystone_speedup=here[-1]["time_s"] / liger_ref["time_s"],
+                                    keystone_memory_ratio=liger_ref["memory_bytes"] / here[-1]["memory_bytes"],
+                                    keystone_reference=liger_ref["config"])
+        rows += here
+    return rows
+
+
+def baseline_targets(results: dict, rows: list[dict]) -> list[dict]:
+    """Issue 13's targets: keystone (0.1%) at least ``goal``x the speed of LoRA r=16 at the target shape
+    and tokens (CPU: SmolLM2-135M 4 x 128, >= 1.2x; CUDA: Llama-3.2-1B 4 x 2048, >= 1x), with less memory."""
+    device = results["config"]["device"]
+    shape, batch, seq, goal = TARGETS.get(device, TARGETS["cpu"])
+    lora = [r for r in rows if r["kind"] == "lora" and r["rank"] == TARGET_RANK and r.get("keystone_speedup") is not None
+            and (r["shape"], r["batch"], r["seq"]) == (shape, batch, seq)]
+    if not lora:
+        return []
+    r = lora[0]
+    bound = r.get("keystone_flop_bound")
+    mem = "peak RSS above imports" if device == "cpu" else "peak allocated"
+    where = f"{shape}, {batch} x {seq}"
+    return [
+        {"target": f"train step, {where}: {r['keystone_reference']} vs PEFT LoRA r={TARGET_RANK} (x faster)",
+         "value": r["keystone_speedup"], "goal": f">= {goal:g}", "holds": r["keystone_speedup"] >= goal,
+         "backend": r["keystone_reference"].split("[")[-1].rstrip("]"),
+         "note": "issue 13" + (f"; GEMM FLOP bound {bound:.3g}x" if bound else "")},
+        {"target": f"{mem}, {where}: {r['keystone_reference']} / PEFT LoRA r={TARGET_RANK}",
+         "value": r["keystone_memory_ratio"], "goal": "< 1", "holds": r["keystone_memory_ratio"] < 1,
+         "backend": r["keystone_reference"].split("[")[-1].rstrip("]"), "note": "issue 13"},
+    ]
+
+
+def baseline_table(results: dict, markdown: bool = False) -> str:
+    """One table per train step with LoRA rows: dense, keystone, LoRA (and Liger) side by side."""
+    from .report import _fmt, _table
+
+    rows = results.get("summary", {}).get("rows", {}).get("baselines", [])
+    cpu = results["config"]["device"] == "cpu"
+    out = []
+    for key in dict.fromkeys((r["shape"], r["batch"], r["seq"]) for r in rows):
+        sel = [r for r in rows if (r["shape"], r["batch"], r["seq"]) == key]
+        mem = "peak RSS above imports GiB" if cpu else "peak allocated GiB"
+        title = (f"train step beside PEFT LoRA (q, k, v, o, gate, up, down; alpha 2 r; base {'fp32' if cpu else 'bf16'}), "
+                 f"{key[0]} shapes, batch {key[1]} x seq {key[2]}")
+        out.append(f"\n**{title}**\n" if markdown else f"\n{title}")
+        out.append(_table(
+            ["config", "trainable", "optimizer state MiB", "s/step", "tokens/s", mem, "x dense speed", "mem / dense",
+             "keystone x faster", "FLOP bound", "keystone mem / this"],
+            [[r["config"], f"{r['trainable']:,}", _fmt(None if r["optimizer_state_bytes"] is None
+                                                       else r["optimizer_state_bytes"] / _MIB, ".4g"),
+              _fmt(r["time_s"]), _fmt(r["tokens_per_s"], ".0f"), _fmt(r["memory_bytes"] / _GIB),
+              _fmt(r["speedup_vs_dense"]), _fmt(r["memory_ratio_vs_dense"]), _fmt(r.get("keystone_speedup")),
+              _fmt(r.get("keystone_flop_bound")), _fmt(r.get("keystone_memory_ratio"))] for r in sel], markdown))
+    return "\n".join(out)
+
+
+def plot_baselines(results: dict, path: str | os.PathLike) -> bool:
+    """Bars per config (dense, keystone, LoRA ranks, Liger): s/step, peak memory, optimizer state."""
+    rows = results.get("summary", {}).get("rows", {}).get("baselines", [])
+    if not rows:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    keys = list(dict.fromkeys((r["shape"], r["batch"], r["seq"]) for r in rows))
+    colors = {"dense": "tab:grey", "keystone": "tab:orange", "lora": "tab:blue", "keystone+liger": "tab:red",
+              "lora+liger": "tab:purple"}
+    cpu = results["config"]["device"] == "cpu"
+    panels = (("time_s", "s / train step", 1), ("memory_bytes", "peak RSS above imports, GiB" if cpu else
+                                                 "peak allocated, GiB", _GIB),
+              ("optimizer_state_bytes", "optimizer state, MiB (log)", _MIB))
+    fig, axes = plt.subplots(len(keys), 3, figsize=(13, 3.8 * len(keys)), squeeze=False)
+    for i, key in enumerate(keys):
+        sel = [r for r in rows if (r["shape"], r["batch"], r["seq"]) == key]
+        labels = [r["config"].replace(" (PEFT)", "").replace(" (torch AdamW", "\n(AdamW") for r in sel]
+        for ax, (field, ylabel, unit) in zip(axes[i], panels):
+            values = [(r[field] or 0) / unit for r in sel]
+            ax.bar(range(len(sel)), values, color=[colors.get(r["kind"], "tab:green") for r in sel])
+            ax.set_xticks(range(len(sel)), labels, rotation=35, ha="right", fontsize=7)
+            ax.set_ylabel(ylabel, fontsize=8)
+            ax.set_title(f"{key[0]} ({results['config']['device']}), {key[1]} x {key[2]}: {ylabel.split(',')[0]}", fontsize=9)
+            if field == "optimizer_state_bytes":
+                ax.set_yscale("log")
+            ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
