@@ -63,7 +63,10 @@ def _find(args, model, tokenizer):
     prompts = None
     if args.prompts:
         with open(args.prompts, encoding="utf-8") as f:
-            prompts = json.load(f)
+            try:
+                prompts = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{args.prompts}: not valid JSON ({err}); prompts are {{group: [prompt, ...]}}") from None
     types = args.types.split(",") if args.types else None
     return find_keystone(
         model, tokenizer, prompts, top_fraction=args.top_fraction, selection=args.selection,

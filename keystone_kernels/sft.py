@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -247,7 +248,12 @@ def train(
     out = Path(output_dir) if output_dir is not None else None
     store = CheckpointStore(out / "checkpoints") if out is not None else None
     if store is not None and distributed.is_main_process():
-        store.clean()  # temporaries of a killed run
+        store.clean()  # temporaries of a killed run: checkpoint folders, and files written atomically
+        for stale in out.glob(".tmp-*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
     ckpt = latest_checkpoint(out) if resume and out is not None else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device

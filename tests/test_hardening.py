@@ -217,3 +217,29 @@ def test_prompts_longer_than_the_context_are_cut_with_a_warning(family):
         asked = find_keystone(model, tok, prompts={"a": [long], "b": ["short one"]}, max_length=limit, progress=False)
     assert all(m.num_neurons > 0 for m in cut.group_masks.values())
     assert cut.group_masks["a"] == asked.group_masks["a"]
+
+
+def test_prompts_file_that_does_not_parse_names_the_file(tmp_path, capsys):
+    from keystone_kernels.cli import main
+
+    bad = tmp_path / "prompts.json"
+    bad.write_text('{"math": ["1 + 1 ="')
+    assert main(["find", "--model", "default", "--device", "cpu", "--prompts", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "prompts.json: not valid JSON" in err and "Traceback" not in err
+
+
+def test_a_new_run_removes_the_temporaries_of_a_killed_one(tmp_path):
+    from tiny import tiny_tokenizer
+
+    from keystone_kernels.sft import SFTConfig, train
+    from keystone_kernels.sft_data import SFTDataset
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / ".tmp-step-00000002-deadbeef-x").mkdir(parents=True)
+    (out / ".tmp-abc-keystone_adapter.safetensors").write_bytes(b"half")
+    tok = tiny_tokenizer()
+    rows = [{"prompt": f"{a} plus {a}?", "response": f"{2 * a}"} for a in range(2, 8)]
+    train(tiny_model("llama"), tok, MASK, SFTDataset(rows, tok), SFTConfig(steps=1, batch_size=2, backend="reference"),
+          out, progress=False)
+    assert not list(out.glob(".tmp-*")) and not list((out / "checkpoints").glob(".tmp-*"))
