@@ -137,3 +137,17 @@ def any_backend(request) -> tuple[str, str]:
     if name != "reference":
         require_backend(name, device)
     return name, device
+
+
+def record_launch_devices(monkeypatch, module) -> list:
+    """Replace ``module.on_device`` (the Triton launchers' device context) with one that records the
+    device of each launch; returns that list."""
+    seen = []
+
+    @contextlib.contextmanager
+    def recording(t):
+        seen.append(t.device)
+        yield
+
+    monkeypatch.setattr(module, "on_device", recording)
+    return seen

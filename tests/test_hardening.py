@@ -19,12 +19,16 @@ from keystone_kernels.mask import KeystoneMask
 MASK = KeystoneMask({("attn_q", 0, None): [1, 7], ("fwd_up", 1, None): [0, 70], ("attn_o", 1, None): [3]})
 
 
-def _trained(seed: int = 0, mask: KeystoneMask = MASK):
-    model = patch(tiny_model("llama", seed=seed), mask, backend="reference")
-    opt = KeystoneAdamW(keystone_parameters(model), lr=1e-2, backend="reference")
-    ids = torch.randint(3, 250, (2, 7), generator=torch.Generator().manual_seed(seed))
-    model(input_ids=ids, labels=ids).loss.backward()
-    opt.step()
+def _trained(seed: int = 0, mask: KeystoneMask = MASK, frozen_dtype=torch.bfloat16, steps: int = 1, lr: float = 1e-2,
+             ids: torch.Tensor | None = None):
+    """A patched tiny Llama and its optimizer after ``steps`` steps on ``ids`` (default: random [2, 7])."""
+    model = patch(tiny_model("llama", seed=seed), mask, frozen_dtype=frozen_dtype, backend="reference")
+    opt = KeystoneAdamW(keystone_parameters(model), lr=lr, backend="reference")
+    if ids is None:
+        ids = torch.randint(3, 250, (2, 7), generator=torch.Generator().manual_seed(seed))
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
     return model, opt
 
 
@@ -146,12 +150,8 @@ def test_merge_reproduces_the_patched_model_exactly():
     """The merged model computes with the bf16-rounded values the patched model trained through."""
     from keystone_kernels import merge
 
-    model = patch(tiny_model("llama"), MASK, frozen_dtype=torch.bfloat16, backend="reference")
-    opt = KeystoneAdamW(keystone_parameters(model), lr=3e-2, backend="reference")
     ids = torch.randint(3, 250, (2, 9), generator=torch.Generator().manual_seed(5))
-    for _ in range(3):
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
+    model, _ = _trained(frozen_dtype=torch.bfloat16, steps=3, lr=3e-2, ids=ids)
     with torch.no_grad():
         patched = model(input_ids=ids).logits
         masters = merge(copy.deepcopy(model), dtype=torch.float32, masters=True)(input_ids=ids).logits
@@ -167,12 +167,8 @@ def test_save_pretrained_of_a_patched_model_loads_as_the_trained_model(tmp_path,
 
     from keystone_kernels.adapter import ADAPTER_NAME
 
-    model = patch(tiny_model("llama"), MASK, frozen_dtype=frozen_dtype, backend="reference")
-    opt = KeystoneAdamW(keystone_parameters(model), lr=3e-2, backend="reference")
     ids = torch.randint(3, 250, (2, 9), generator=torch.Generator().manual_seed(6))
-    for _ in range(2):
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
+    model, _ = _trained(frozen_dtype=frozen_dtype, steps=2, lr=3e-2, ids=ids)
     with torch.no_grad():
         want = model(input_ids=ids).logits
     model.save_pretrained(tmp_path / "direct")

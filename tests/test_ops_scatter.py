@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import INDEX_CASES, bits, gpu, make_index, poison, require_backend, requires_cuda
+from conftest import INDEX_CASES, bits, gpu, make_index, poison, record_launch_devices, require_backend, requires_cuda
 
 from keystone_kernels import ops
 from keystone_kernels.ops import reference
@@ -206,18 +206,9 @@ def test_triton_opcheck(device, rng):
 def test_triton_launches_under_the_weights_device(monkeypatch, rng):
     """The launch runs inside the device context of the weight (what makes cuda:1 work)."""
     require_backend("triton", "cpu")
-    import contextlib
-
     from keystone_kernels.ops.triton import scatter
 
-    seen = []
-
-    @contextlib.contextmanager
-    def recording(t):
-        seen.append(t.device)
-        yield
-
-    monkeypatch.setattr(scatter, "on_device", recording)
+    seen = record_launch_devices(monkeypatch, scatter)
     weight = torch.randn(13, 7, generator=rng).bfloat16()
     rows = torch.tensor([0, 5, 12])
     src = hard_values(3, 7, torch.bfloat16, rng)

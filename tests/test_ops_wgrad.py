@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import INDEX_CASES, gpu, make_index, poisoned_allocations, require_backend, requires_cuda
+from conftest import (
+    INDEX_CASES,
+    gpu,
+    make_index,
+    poisoned_allocations,
+    record_launch_devices,
+    require_backend,
+    requires_cuda,
+)
 
 from keystone_kernels import ops
 from keystone_kernels.ops import reference
@@ -145,18 +153,9 @@ def test_triton_copies_only_sparse_indices(monkeypatch, rng):
 def test_triton_launches_under_the_tensors_device(monkeypatch, rng):
     """The launch runs inside the device context of the operands (what makes cuda:1 work)."""
     require_backend("triton", "cpu")
-    import contextlib
-
     from keystone_kernels.ops.triton import wgrad
 
-    seen = []
-
-    @contextlib.contextmanager
-    def recording(t):
-        seen.append(t.device)
-        yield
-
-    monkeypatch.setattr(wgrad, "on_device", recording)
+    seen = record_launch_devices(monkeypatch, wgrad)
     grad_out, x, rows, cols = _inputs((23, 31, 17), torch.float32, "random", "random", rng)
     got = wgrad.gather_wgrad(grad_out, x, rows, cols)
     assert seen == [grad_out.device]
