@@ -56,18 +56,18 @@ fi
 
 steps=(info build tests-triton tests-ext bench hotpath pack)
 # Time limits (seconds). The build runs in the background while the Triton tests run, so only the
-# build's limit counts for that stretch; the Triton tests' limit must stay inside it. Estimates for
-# 16 cores (not yet measured on a GPU machine; the summary records the seconds each step took):
-#   info 15       torch import and CUDA init, nvidia-smi (slow on a cold driver)
-#   build 135     two C++ files with ATen headers (~1 min each, in parallel under ninja), three plain
-#                 CUDA files, the link; cached in TORCH_EXTENSIONS_DIR, a rerun takes seconds
-#   triton 125    ~380 tests over 8 workers, mostly Triton JIT compiles (shared cache in ~/.triton)
-#   ext 55        ~370 tests over 8 workers, nothing to compile
-#   bench 100     imports + bandwidth ~10 s, 8B optimizer step and weight grad ~30 s, the 1B train
-#                 step ~40 s (dense and keystone, each in a fresh process)
-#   hotpath 35    imports, a 4-layer model, 2 x ~70 steps and 2 profiles
-#   pack 5        a tar of a few MB
-declare -A limit=([info]=15 [build]=135 [tests-triton]=125 [tests-ext]=55 [bench]=100 [hotpath]=35 [pack]=5)
+# build's limit counts for that stretch; the Triton tests' limit must stay inside it. Measured on an
+# H200 with 16 cores (2026-11-27, three runs; the summary records the seconds each step took):
+#   info 15       torch import and CUDA init, nvidia-smi: 8-12 s
+#   build 125     two C++ files with ATen headers and three plain CUDA files under ninja: 21 s cold;
+#                 cached in TORCH_EXTENSIONS_DIR, a rerun takes 6 s
+#   triton 120    ~500 tests over 8 workers, mostly Triton JIT compiles: 65 s (85 s with 91 failures)
+#   ext 75        ~390 tests over 8 workers: 51-54 s
+#   bench 90      bandwidth, the 8B optimizer step and weight grad, the 1B train step (dense and
+#                 keystone, each in a fresh process): 68-75 s
+#   hotpath 35    a 4-layer model, 2 x ~70 steps and 2 profiles: 17-19 s
+#   pack 5        a tar of ~120 KB: 0 s
+declare -A limit=([info]=15 [build]=125 [tests-triton]=120 [tests-ext]=75 [bench]=90 [hotpath]=35 [pack]=5)
 declare -A mode=([info]=sequential [build]=background [tests-triton]=concurrent [tests-ext]=sequential
                  [bench]=sequential [hotpath]=sequential [pack]=sequential)
 declare -A what=(

@@ -58,7 +58,12 @@ _STEP_MARK = "keystone_hotpath_step"
 _SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
                "cuStreamSynchronize", "cuCtxSynchronize", "cuEventSynchronize", "cuMemcpyDtoH_v2")
 _LAUNCH_PREFIXES = ("cudaLaunch", "cuLaunch")  # runtime (torch, the extension) and driver (Triton) launches
-_DEVICE_ACTIVITIES = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def _device_kind(name: str) -> str:
+    """"memcpy", "memset" or "kernel" for a device event (torch 2.11's kineto events have no public
+    activity type; CUPTI names copies "Memcpy HtoD (...)" and fills "Memset (...)")."""
+    return "memcpy" if name.startswith("Memcpy") else "memset" if name.startswith("Memset") else "kernel"
 
 
 def build_patched(shape: Shape, layers: int, fraction: float, device: torch.device, backend: str,
@@ -172,9 +177,9 @@ def profile_steps(step, steps: int, cuda: bool = True) -> dict:
     for e in events:
         name = e.name()
         if e.device_type() == cuda_type:
-            if e.activity_type() in _DEVICE_ACTIVITIES:
+            if name != _STEP_MARK:  # the device-side copy of the annotation is no work
                 device_ops += 1
-                kernels += e.activity_type() == "kernel"
+                kernels += _device_kind(name) == "kernel"
                 busy_ns += e.duration_ns()
         elif name.startswith(_LAUNCH_PREFIXES):
             launches_all += 1  # a cross-check of the step windows: only steps launch work here

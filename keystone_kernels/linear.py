@@ -204,7 +204,8 @@ class KeystoneLinear(nn.Module):
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("cols", cols, persistent=False)
         col_rows = _complement(self._host_index[0], out_features)
-        self.register_buffer("col_rows", None if col_rows is None else col_rows.to(device), persistent=False)
+        col_rows = None if col_rows is None else col_rows.to(device)
+        self.register_buffer("col_rows", col_rows, persistent=False)
         # fp32 masters start from the original values, not from their frozen_dtype rounding
         self.weight_rows = nn.Parameter(weight.index_select(0, rows).float()) if len(rows) else None
         cols_src = weight if col_rows is None else weight.index_select(0, col_rows)
@@ -212,7 +213,9 @@ class KeystoneLinear(nn.Module):
         self.bias_rows = nn.Parameter(bias.detach().index_select(0, rows).float()) if bias is not None and train_bias and len(rows) else None
         self._tag_parameters()
         if not weight.is_meta:  # a meta weight has no values to sync (load them after to_empty)
-            self.sync_frozen()
+            # A one-time copy with the reference ops: a layer is often built on the CPU and moved
+            # after (``.to("cuda")``), where the chosen backend (Triton) cannot run yet.
+            self.sync_frozen(backend="reference")
         self.register_load_state_dict_pre_hook(_base_keys_to_patched)
 
     def _tag_parameters(self) -> None:
@@ -272,16 +275,18 @@ class KeystoneLinear(nn.Module):
         return [p for p in (self.weight_rows, self.weight_cols, self.bias_rows) if p is not None]
 
     @torch.no_grad()
-    def sync_frozen(self) -> None:
-        """Scatter the fp32 keystone values into the frozen matrix (rounded to nearest even)."""
+    def sync_frozen(self, backend: str | None = None) -> None:
+        """Scatter the fp32 keystone values into the frozen matrix (rounded to nearest even), with
+        ``backend`` (default: the layer's own)."""
+        backend = backend or self.backend
         if getattr(self, "_keystone_fsdp", None):  # sharded by keystone_kernels.fully_shard: this rank's rows
             from .fsdp import sync_frozen_local
 
             return sync_frozen_local(self)
         if self.weight_rows is not None:
-            ops.scatter_to_frozen(self.frozen_weight, self.weight_rows.detach(), self.rows, None, backend=self.backend)
+            ops.scatter_to_frozen(self.frozen_weight, self.weight_rows.detach(), self.rows, None, backend=backend)
         if self.weight_cols is not None:
-            ops.scatter_to_frozen(self.frozen_weight, self.weight_cols.detach(), self.col_rows, self.cols, backend=self.backend)
+            ops.scatter_to_frozen(self.frozen_weight, self.weight_cols.detach(), self.col_rows, self.cols, backend=backend)
         if self.bias_rows is not None:
             self.frozen_bias.index_copy_(0, self.rows, self.bias_rows.detach().to(self.frozen_bias.dtype))
 

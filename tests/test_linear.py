@@ -105,6 +105,23 @@ def _saved_bytes(module, x):
     return sizes
 
 
+def test_built_where_its_backend_cannot_run_then_moved(monkeypatch, rng):
+    """A layer is often built on the CPU and moved to the GPU after, with backend="triton" named: building
+    it must not run the Triton kernels (seen on an H200: every such test failed). Its frozen matrix
+    holds the original values; a forward there still refuses the backend by name."""
+    from keystone_kernels.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "_triton_usable", lambda device: (device.type == "cuda", "no Triton on the CPU here"))
+    monkeypatch.setattr(dispatch, "_routes", {})
+    weight, bias = torch.randn(11, 7, generator=rng), torch.randn(11, generator=rng)
+    rows, cols = make_index("random", 11, rng), make_index("random", 7, rng)
+    module = KeystoneLinear(weight, bias, rows, cols, frozen_dtype=torch.float32, backend="triton")
+    torch.testing.assert_close(module.frozen_weight, weight, rtol=0, atol=0)
+    torch.testing.assert_close(module.frozen_bias, bias, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="backend 'triton'.*cannot run on cpu"):
+        module(torch.randn(3, 7, generator=rng)).sum().backward()
+
+
 def test_backward_saves_only_what_the_keystone_gradients_need(rng):
     t, n_in, n_out = 11, 24, 19
     x = torch.randn(t, n_in, generator=rng)

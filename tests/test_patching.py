@@ -65,7 +65,10 @@ def test_one_step_fp32_matches_dense_autograd(family, any_backend):
     dense_loss.backward()
     torch.testing.assert_close(loss, dense_loss, rtol=1e-6, atol=1e-6)
     errs = _keystone_vs_dense(model, dense)
-    assert errs and max(errs) <= 1e-5
+    # CPU: the same GEMM code on both sides. CUDA: cuBLAS picks other kernels (other summation orders)
+    # for the dense and the patched GEMMs, and the rounding differences grow through the layers' backward
+    # (seen: 1.4e-5 on GPT-2, H200); an indexing bug gives errors of order 1.
+    assert errs and max(errs) <= (1e-5 if device == "cpu" else 1e-4)
     # non-keystone weights: bit-identical and frozen; the keystone ones are the only trainable tensors
     trainable = {id(p) for p in keystone_parameters(model)}
     assert {id(p) for p in model.parameters() if p.requires_grad} == trainable

@@ -97,7 +97,8 @@ def build_flat_layout(shapes: list[tuple[int, int]], targets: list[Target | None
 
     if len(shapes) != len(targets):
         raise ValueError(f"{len(shapes)} shapes but {len(targets)} targets: one per tensor")
-    device = torch.device(device)
+    # The concrete device ("cuda" -> "cuda:0"): tensors report an index, and the checks compare with it.
+    device = torch.empty(0, device=device).device
     offsets, weights, slot_of, seg_rows, index_parts = [], [], {}, [], []
     offset = index_len = 0
     for k, ((n, m), target) in enumerate(zip(shapes, targets)):
