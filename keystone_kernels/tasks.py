@@ -106,6 +106,26 @@ def read_jsonl(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def resolve_data(value: str) -> str:
+    """The file of a shipped set named ``value`` (``arith-train`` ...), else ``value`` itself (a path)."""
+    return str(shipped_path(value)) if value in SHIPPED else value
+
+
+def eval_items(data: str, eval_path: str | None = None) -> list[dict]:
+    """The ``{"prompt", "answer"}`` rows to evaluate a fine-tune on.
+
+    ``eval_path`` (a file or a shipped set) when given, else the shipped eval set that pairs with a
+    shipped ``*-train`` set named by ``data``; ``[]`` when there is neither. A row's ``answer`` falls
+    back to its ``response``.
+    """
+    if eval_path is None and data.endswith("-train"):
+        eval_path = data.replace("-train", "-eval")
+    if eval_path is None:
+        return []
+    rows = read_jsonl(resolve_data(eval_path))
+    return [{"prompt": r.get("prompt"), "answer": r.get("answer", r.get("response"))} for r in rows]
+
+
 def qa_items() -> list[dict]:
     return read_jsonl(shipped_path("qa"))
 
