@@ -92,7 +92,8 @@ def _extensions() -> tuple[list, dict]:
             extra_compile_args={"cxx": helpers.cxx_flags(), "nvcc": helpers.nvcc_flags()},
         )
     else:
-        ext = cpp_extension.CppExtension("keystone_kernels._C", sources, extra_compile_args={"cxx": helpers.cxx_flags()})
+        ext = cpp_extension.CppExtension("keystone_kernels._C", sources,
+                                         extra_compile_args={"cxx": helpers.cxx_flags()})
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)}
 
 

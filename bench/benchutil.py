@@ -20,7 +20,8 @@ from keystone_kernels.bench import bench_backends
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = [
     pytest.param("cpu", id="cpu"),
-    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]),
+    pytest.param("cuda", id="cuda",
+                 marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]),
 ]
 BACKENDS = ("reference", "ext", "triton")
 FRACTION_IDS = {1e-4: "0.01%", 1e-3: "0.1%", 1e-2: "1%", 5e-2: "5%"}

@@ -173,7 +173,8 @@ def load_adapter(
         got = {k: tuple(v.shape) for k, v in tensors.items()}
         if got != expected:
             diff = sorted(set(got.items()) ^ set(expected.items()))[:3]
-            raise ValueError(f"{path}: tensors do not match the adapter's mask on this model (first differences: {diff})")
+            raise ValueError(f"{path}: tensors do not match the adapter's mask on this model "
+                             f"(first differences: {diff})")
         frozen_dtype = frozen_dtype or _DTYPES[meta["frozen_dtype"]]
         patch(outer, mask, frozen_dtype=frozen_dtype, backend=backend, modules=modules, train_bias=train_bias)
     found = keystone_modules(model)

@@ -111,7 +111,8 @@ def family_for(model: nn.Module, modules: dict | None = None) -> Family:
         known = {f.name for f in dataclasses.fields(Family)}
         unknown = set(modules) - known
         if unknown:
-            raise ValueError(f"unknown module keys {sorted(unknown)}; accepted: {sorted(known - {'name', 'model_types'})}")
+            raise ValueError(f"unknown module keys {sorted(unknown)}; "
+                             f"accepted: {sorted(known - {'name', 'model_types'})}")
         base = dataclasses.replace(base or Family("custom", (str(model_type),)), **modules)
     return base
 
@@ -217,7 +218,8 @@ def weight_slot(model: nn.Module, family: Family, ntype: str, layer: int, expert
                 return WeightSlot(f"{base}.down_proj.{expert}", "col", size=inter)
             return WeightSlot(f"{base}.down_proj.{expert}", "row", size=dims.hidden)
         if experts is not None:
-            raise ValueError(f"{ntype} layer {layer} is an MoE layer: give an expert index (JSON key '{layer}_expert_E')")
+            raise ValueError(f"{ntype} layer {layer} is an MoE layer: give an expert index "
+                             f"(JSON key '{layer}_expert_E')")
         up = get_submodule(model, prefix + family.up)
         inter = _out_features(up)
         if ntype == "fwd_up":
@@ -280,7 +282,8 @@ def resolve_types(types) -> tuple[str, ...]:
     for t in types:
         for name in TYPE_ALIASES.get(t, (t,)):
             if name not in ALL_TYPES:
-                raise ValueError(f"unknown neuron type {name!r}; accepted: {', '.join(ALL_TYPES)} or {', '.join(TYPE_ALIASES)}")
+                raise ValueError(f"unknown neuron type {name!r}; "
+                                 f"accepted: {', '.join(ALL_TYPES)} or {', '.join(TYPE_ALIASES)}")
             if name not in out:
                 out.append(name)
     if not out:

@@ -38,12 +38,13 @@ def run_one(base: nn.Module, tokenizer, mask, dataset, items, mode: str, lr: flo
             seed: int = 0, backend: str | None = "auto", progress: bool = True, lora_r: int = 16) -> RunRecord:
     """Train a fresh copy of ``base`` and evaluate it; ``base`` itself is left unchanged."""
     model = copy.deepcopy(base)
-    config = sft.SFTConfig(mode=mode, steps=steps, lr=lr, batch_size=batch_size, seed=seed, backend=backend, save_every=0,
-                           lora_r=lora_r)
+    config = sft.SFTConfig(mode=mode, steps=steps, lr=lr, batch_size=batch_size, seed=seed, backend=backend,
+                           save_every=0, lora_r=lora_r)
     result = sft.train(model, tokenizer, mask, dataset, config, progress=progress)
     metrics = sft.evaluate(model, tokenizer, items)
     return RunRecord(mode, config.learning_rate, metrics["accuracy"], metrics["perplexity"], metrics["qa_accuracy"],
-                     result.trainable_parameters, result.optimizer_state_bytes, result.median_step_seconds, result.losses)
+                     result.trainable_parameters, result.optimizer_state_bytes, result.median_step_seconds,
+                     result.losses)
 
 
 def summary(base_metrics: dict, runs: list[RunRecord]) -> list[dict]:
@@ -56,23 +57,26 @@ def summary(base_metrics: dict, runs: list[RunRecord]) -> list[dict]:
         best = max(mine, key=lambda r: (r.accuracy, -r.perplexity))
         at_match = min((r for r in mine if r.accuracy >= matched), key=lambda r: r.perplexity)
         rows.append({"mode": m, "best_accuracy": best.accuracy, "best_lr": best.lr,
-                     "matched_accuracy": matched, "ppl_ratio_at_matched": at_match.perplexity / base_metrics["perplexity"],
+                     "matched_accuracy": matched,
+                     "ppl_ratio_at_matched": at_match.perplexity / base_metrics["perplexity"],
                      "qa_at_matched": at_match.qa_accuracy, "lr_at_matched": at_match.lr})
     return rows
 
 
 def runs_table(base_metrics: dict, runs: list[RunRecord]) -> str:
-    rows = [("base", "-", base_metrics["accuracy"], base_metrics["perplexity"], 1.0, base_metrics["qa_accuracy"], 0, "-", "-")]
+    rows = [("base", "-", base_metrics["accuracy"], base_metrics["perplexity"], 1.0, base_metrics["qa_accuracy"], 0,
+             "-", "-")]
     rows += [(r.mode, f"{r.lr:g}", r.accuracy, r.perplexity, r.perplexity / base_metrics["perplexity"], r.qa_accuracy,
-              r.trainable_parameters, f"{r.optimizer_state_bytes / 2**20:.2f}", f"{r.median_step_seconds:.2f}") for r in runs]
-    return format_table(["mode", "lr", "target acc", "ppl", "ppl x base", "QA acc", "trainable", "opt state MiB", "s/step"],
-                        rows)
+              r.trainable_parameters, f"{r.optimizer_state_bytes / 2**20:.2f}", f"{r.median_step_seconds:.2f}")
+             for r in runs]
+    return format_table(["mode", "lr", "target acc", "ppl", "ppl x base", "QA acc", "trainable", "opt state MiB",
+                         "s/step"], rows)
 
 
 def summary_table(rows: list[dict]) -> str:
     return format_table(["mode", "best acc", "at lr", "matched acc", "ppl x base at matched", "QA at matched"],
-                        [(r["mode"], r["best_accuracy"], f"{r['best_lr']:g}", r["matched_accuracy"], r["ppl_ratio_at_matched"],
-                          r["qa_at_matched"]) for r in rows])
+                        [(r["mode"], r["best_accuracy"], f"{r['best_lr']:g}", r["matched_accuracy"],
+                          r["ppl_ratio_at_matched"], r["qa_at_matched"]) for r in rows])
 
 
 def plot_tradeoff(base_metrics: dict, runs: list[RunRecord], path: str | Path) -> None:
@@ -86,7 +90,8 @@ def plot_tradeoff(base_metrics: dict, runs: list[RunRecord], path: str | Path) -
     for mode, marker in (("keystone", "o"), ("random", "s"), ("lora", "D"), ("full", "^")):
         pts = [r for r in runs if r.mode == mode]
         if pts:
-            ax.scatter([r.perplexity / base_metrics["perplexity"] for r in pts], [r.accuracy for r in pts], marker=marker, label=mode, s=50)
+            ax.scatter([r.perplexity / base_metrics["perplexity"] for r in pts], [r.accuracy for r in pts],
+                       marker=marker, label=mode, s=50)
             for r in pts:
                 ax.annotate(f"{r.lr:g}", (r.perplexity / base_metrics["perplexity"], r.accuracy), fontsize=7,
                             xytext=(4, 3), textcoords="offset points")
@@ -132,11 +137,12 @@ def sweep(base: nn.Module, tokenizer, mask, dataset, items, grid: dict[str, list
     runs = []
     for mode, lrs in grid.items():
         for lr in lrs:
-            runs.append(run_one(base, tokenizer, mask, dataset, items, mode, lr, steps, batch_size, seed, progress=progress,
-                                lora_r=lora_r))
+            runs.append(run_one(base, tokenizer, mask, dataset, items, mode, lr, steps, batch_size, seed,
+                                progress=progress, lora_r=lora_r))
             report = {"base": base_metrics, "runs": [asdict(r) for r in runs], "steps": steps, "batch_size": batch_size,
                       "lora_r": lora_r, "seconds": time.time() - t0}
-            atomic_write_text(out / "compare.json", json.dumps(report, indent=1))  # after every run: partial results survive
+            # after every run: partial results survive
+            atomic_write_text(out / "compare.json", json.dumps(report, indent=1))
     report["summary"] = summary(base_metrics, runs)
     atomic_write_text(out / "compare.json", json.dumps(report, indent=1))
     text = runs_table(base_metrics, runs) + "\n\n" + summary_table(report["summary"])

@@ -185,8 +185,9 @@ class KeystoneLinear(nn.Module):
         transposed: the module it replaces stored ``[in, out]`` (GPT-2 ``Conv1D``); used by merge.
     """
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, rows: Tensor, cols: Tensor, frozen_dtype: torch.dtype = torch.bfloat16,
-                 backend: str | None = None, train_bias: bool = True, transposed: bool = False):
+    def __init__(self, weight: Tensor, bias: Tensor | None, rows: Tensor, cols: Tensor,
+                 frozen_dtype: torch.dtype = torch.bfloat16, backend: str | None = None, train_bias: bool = True,
+                 transposed: bool = False):
         super().__init__()
         out_features, in_features = weight.shape
         self.in_features, self.out_features = in_features, out_features
@@ -200,7 +201,8 @@ class KeystoneLinear(nn.Module):
         rows = rows.to(device, torch.int64, copy=True)
         cols = cols.to(device, torch.int64, copy=True)
         self.register_buffer("frozen_weight", weight.to(frozen_dtype).contiguous(), persistent=True)
-        self.register_buffer("frozen_bias", None if bias is None else bias.detach().to(frozen_dtype).clone(), persistent=True)
+        self.register_buffer("frozen_bias", None if bias is None else bias.detach().to(frozen_dtype).clone(),
+                             persistent=True)
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("cols", cols, persistent=False)
         col_rows = _complement(self._host_index[0], out_features)
@@ -210,7 +212,8 @@ class KeystoneLinear(nn.Module):
         self.weight_rows = nn.Parameter(weight.index_select(0, rows).float()) if len(rows) else None
         cols_src = weight if col_rows is None else weight.index_select(0, col_rows)
         self.weight_cols = nn.Parameter(cols_src.index_select(1, cols).float()) if len(cols) else None
-        self.bias_rows = nn.Parameter(bias.detach().index_select(0, rows).float()) if bias is not None and train_bias and len(rows) else None
+        self.bias_rows = (nn.Parameter(bias.detach().index_select(0, rows).float())
+                          if bias is not None and train_bias and len(rows) else None)
         self._tag_parameters()
         if not weight.is_meta:  # a meta weight has no values to sync (load them after to_empty)
             # A one-time copy with the reference ops: a layer is often built on the CPU and moved
@@ -286,7 +289,8 @@ class KeystoneLinear(nn.Module):
         if self.weight_rows is not None:
             ops.scatter_to_frozen(self.frozen_weight, self.weight_rows.detach(), self.rows, None, backend=backend)
         if self.weight_cols is not None:
-            ops.scatter_to_frozen(self.frozen_weight, self.weight_cols.detach(), self.col_rows, self.cols, backend=backend)
+            ops.scatter_to_frozen(self.frozen_weight, self.weight_cols.detach(), self.col_rows, self.cols,
+                                  backend=backend)
         if self.bias_rows is not None:
             self.frozen_bias.index_copy_(0, self.rows, self.bias_rows.detach().to(self.frozen_bias.dtype))
 

@@ -122,7 +122,8 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float | None = None, dropout:
     if is_patched(model):
         raise ValueError("model is patched by keystone_kernels.patch: LoRA on the same decoder projections as keystone "
                          "training is not supported. Use one of them, or LoRA on other modules: "
-                         "get_peft_model(model, LoraConfig(target_modules=['lm_head'])) first, then patch(peft_model, mask)")
+                         "get_peft_model(model, LoraConfig(target_modules=['lm_head'])) first, "
+                         "then patch(peft_model, mask)")
     peft_model = peft.get_peft_model(model, lora_config(model, r, alpha, dropout, modules))
     object.__setattr__(model, "_keystone_peft", peft_model)  # a plain attribute, not a submodule (no cycle)
     return peft_model
@@ -134,7 +135,8 @@ def peft_model_of(model: nn.Module):
         return model
     found = model.__dict__.get("_keystone_peft")
     if found is None:
-        raise ValueError(f"{type(model).__name__} has no LoRA adapters: call keystone_kernels.lora.add_lora(model) first")
+        raise ValueError(f"{type(model).__name__} has no LoRA adapters: "
+                         "call keystone_kernels.lora.add_lora(model) first")
     return found
 
 

@@ -120,7 +120,8 @@ class KeystoneMask:
         expert = key[2] if len(key) == 3 else None
         if ntype not in arch.ALL_TYPES:
             raise ValueError(f"mask key {key!r}: unknown neuron type {ntype!r}; accepted: {', '.join(arch.ALL_TYPES)}")
-        if not isinstance(layer, int) or layer < 0 or (expert is not None and (not isinstance(expert, int) or expert < 0)):
+        if (not isinstance(layer, int) or layer < 0
+                or (expert is not None and (not isinstance(expert, int) or expert < 0))):
             raise ValueError(f"mask key {key!r}: layer and expert must be non-negative integers")
         return (ntype, layer, expert)
 
@@ -201,7 +202,8 @@ class KeystoneMask:
                 layer, expert = _parse_layer_key(ntype, str(layer_key))
                 if isinstance(values, (str, bytes, Mapping)) or not hasattr(values, "__iter__"):
                     raise ValueError(f"mask entry {ntype!r} layer {layer_key!r} must be a list of neuron indices, got "
-                                     f"{type(values).__name__} {values!r}; write e.g. {{{ntype!r}: {{{str(layer_key)!r}: "
+                                     f"{type(values).__name__} {values!r}; write e.g. "
+                                     f"{{{ntype!r}: {{{str(layer_key)!r}: "
                                      f"[{values!r}]}}}}")
                 neurons[(ntype, layer, expert)] = values
         return cls(neurons, d.get(METADATA_KEY))

@@ -72,8 +72,9 @@ def _check_trainable(params: Iterable[Tensor]) -> None:
                 f"KeystoneAdamW got {what} with requires_grad=False: autograd never computes its gradient, so it would "
                 "train nothing. Something froze it after patching (peft.get_peft_model(model, ...) and "
                 "model.requires_grad_(False) do). Make it trainable again, e.g. `for p in keystone_parameters(model): "
-                "p.requires_grad_(True)`, or build the PeftModel first and patch it (keystone_kernels.patch(peft_model, "
-                "mask) keeps both sets trainable), or leave the tensor out of the optimizer.")
+                "p.requires_grad_(True)`, or build the PeftModel first and patch it "
+                "(keystone_kernels.patch(peft_model, mask) keeps both sets trainable), "
+                "or leave the tensor out of the optimizer.")
 
 
 def _scatter_target(p: Tensor) -> tuple[tuple[int, int], Target | None]:
@@ -156,7 +157,8 @@ class _Bucket:
                                    "in the optimizer's arena (was p.data replaced?)")
             _, target = _scatter_target(p)
             old = self.layout.targets[k]
-            if (target is None) != (old is None) or (target is not None and target.weight.data_ptr() != old.weight.data_ptr()):
+            if ((target is None) != (old is None)
+                    or (target is not None and target.weight.data_ptr() != old.weight.data_ptr())):
                 raise RuntimeError(f"keystone layout is stale: the frozen weight of tensor {k} moved")
 
 

@@ -139,7 +139,8 @@ def patch(
     check_not_dispatched(model)
     devices = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
     if len(devices) != 1:
-        raise ValueError(f"model is spread over several devices {sorted(map(str, devices))}; move it to one device first")
+        raise ValueError(f"model is spread over several devices {sorted(map(str, devices))}; "
+                         "move it to one device first")
     device = devices.pop()
     family = arch.family_for(model, modules)
     indices = mask.weight_indices(model, modules)  # validates the mask against the model
@@ -166,7 +167,8 @@ def patch(
             weight, bias, ind.rows if ind else empty, ind.cols if ind else empty, frozen_dtype, resolved, train_bias,
             transposed=arch.is_conv1d(module),
         )
-    state = PatchState(mask, frozen_dtype, resolved, modules, next(iter(param_dtypes)) if len(param_dtypes) == 1 else torch.float32,
+    state = PatchState(mask, frozen_dtype, resolved, modules,
+                       next(iter(param_dtypes)) if len(param_dtypes) == 1 else torch.float32,
                        fingerprint, {n: p.requires_grad for n, p in model.named_parameters()}, paths)
     for p in model.parameters():
         p.requires_grad_(False)

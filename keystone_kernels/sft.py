@@ -120,7 +120,8 @@ def _state_bytes(optimizer) -> int:
 
 
 def prepare(model: nn.Module, mask: KeystoneMask | None, config: SFTConfig):
-    """Patch (keystone / random), add LoRA (lora) or unfreeze (full) ``model``; returns (optimizer, scheduler, mask used)."""
+    """Patch (keystone / random), add LoRA (lora) or unfreeze (full) ``model``; returns (optimizer, scheduler,
+    mask used)."""
     lr = config.learning_rate
     if config.mode == "lora":  # PEFT LoRA injected into ``model``; torch AdamW over the adapters
         from .lora import add_lora, lora_optimizer
@@ -149,7 +150,8 @@ def _save_checkpoint(store: CheckpointStore, model, optimizer, scheduler, step: 
     store.save(step, lambda tmp: _write_checkpoint(tmp, model, optimizer, scheduler, step, result, config))
 
 
-def _write_checkpoint(tmp: Path, model, optimizer, scheduler, step: int, result: TrainResult, config: SFTConfig) -> None:
+def _write_checkpoint(tmp: Path, model, optimizer, scheduler, step: int, result: TrainResult,
+                      config: SFTConfig) -> None:
     if config.mode == "full":
         from safetensors.torch import save_model
 
@@ -193,7 +195,8 @@ def _load_checkpoint(folder: Path, model, config: SFTConfig, mask):
         optimizer, scheduler, _ = prepare(model, None, config)
         load_lora_weights(model, folder / "lora_adapter")
     else:
-        load_adapter(model, folder / "adapter.safetensors", frozen_dtype=getattr(torch, config.frozen_dtype), backend=config.backend)
+        load_adapter(model, folder / "adapter.safetensors", frozen_dtype=getattr(torch, config.frozen_dtype),
+                     backend=config.backend)
         optimizer = KeystoneAdamW(keystone_parameters(model), lr=config.learning_rate, weight_decay=config.weight_decay,
                                   max_grad_norm=config.max_grad_norm, backend=config.backend)
         scheduler = _schedule(optimizer, config)
@@ -336,7 +339,8 @@ def evaluate(model: nn.Module, tokenizer, eval_items: list[dict], texts: list[st
 
 
 def write_metrics(path: str | os.PathLike, metrics: dict) -> None:
-    atomic_write_text(path, json.dumps(metrics, indent=1, default=lambda o: o if not isinstance(o, float) or math.isfinite(o) else str(o)))
+    atomic_write_text(path, json.dumps(metrics, indent=1,
+                                       default=lambda o: o if not isinstance(o, float) or math.isfinite(o) else str(o)))
 
 
 def finish(model: nn.Module, output_dir: str | os.PathLike, merged: bool, dtype: torch.dtype | None = None) -> None:

@@ -77,14 +77,16 @@ def _check_row(i: int, row: dict) -> list[dict]:
     """The row as a list of chat messages (prompt/response rows become user/assistant turns)."""
     if "messages" in row and row["messages"] is not None:
         msgs = row["messages"]
-        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+        if (not isinstance(msgs, list) or not msgs
+                or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs)):
             raise ValueError(f"row {i}: 'messages' must be a non-empty list of {{'role', 'content'}} dicts")
         if not any(m["role"] == "assistant" for m in msgs):
             raise ValueError(f"row {i}: 'messages' has no assistant turn to learn from")
         return msgs
     missing = [k for k in ("prompt", "response") if row.get(k) is None]
     if missing:
-        raise ValueError(f"row {i}: missing field(s) {missing}; rows need 'prompt' and 'response' strings, or 'messages'")
+        raise ValueError(f"row {i}: missing field(s) {missing}; "
+                         "rows need 'prompt' and 'response' strings, or 'messages'")
     for k in ("prompt", "response"):
         if not isinstance(row[k], str):
             raise ValueError(f"row {i}: field {k!r} is {type(row[k]).__name__} ({row[k]!r}), not a string; "
@@ -104,10 +106,12 @@ def encode_messages(tokenizer, messages: Sequence[dict], chat: bool) -> Example:
         for i, msg in enumerate(messages):
             if msg["role"] != "assistant":
                 continue
-            before = _ids(tokenizer, tokenizer.apply_chat_template(list(messages[:i]), tokenize=False, add_generation_prompt=True))
+            before = _ids(tokenizer, tokenizer.apply_chat_template(list(messages[:i]), tokenize=False,
+                                                                   add_generation_prompt=True))
             upto = _ids(tokenizer, tokenizer.apply_chat_template(list(messages[: i + 1]), tokenize=False))
             if upto[: len(before)] != before or before[: len(ids)] != ids:
-                raise ValueError("the chat template does not render conversations prefix by prefix; use prompt/response rows")
+                raise ValueError("the chat template does not render conversations prefix by prefix; "
+                                 "use prompt/response rows")
             labels += [IGNORE] * (len(before) - len(ids)) + upto[len(before) :]
             ids = upto
         return Example(ids, labels)
@@ -139,8 +143,8 @@ class SFTDataset(torch.utils.data.Dataset):
                 raise ValueError(f"row {i}: no response token left after truncation to max_length={max_length}")
             self.examples.append(ex)
         if self.truncated:
-            warnings.warn(f"{self.truncated} of {len(self.rows)} rows were longer than max_length={max_length} and were truncated",
-                          stacklevel=2)
+            warnings.warn(f"{self.truncated} of {len(self.rows)} rows were longer than max_length={max_length} "
+                          "and were truncated", stacklevel=2)
         self.chat = chat
 
     def __len__(self) -> int:

@@ -69,6 +69,7 @@ class KeystoneTrainer(Trainer):
         best = self.state.best_model_checkpoint
         path = os.path.join(best, ADAPTER_NAME) if best else None
         if path is None or not os.path.isfile(path):
-            raise FileNotFoundError(f"load_best_model_at_end: no keystone adapter at {path} (best checkpoint {best!r}); "
+            raise FileNotFoundError(f"load_best_model_at_end: no keystone adapter at {path} "
+                                    f"(best checkpoint {best!r}); "
                                     "was the checkpoint written by another trainer class?")
         load_adapter(self.model, path)

@@ -77,7 +77,8 @@ def _device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate_perplexity(model: nn.Module, tokenizer, texts: Sequence[str], max_length: int = 512, batch_size: int = 8) -> float:
+def evaluate_perplexity(model: nn.Module, tokenizer, texts: Sequence[str], max_length: int = 512,
+                        batch_size: int = 8) -> float:
     """Token-weighted perplexity ``exp(sum NLL / tokens)`` of ``texts`` (each truncated to ``max_length``)."""
     if isinstance(texts, str) or not texts:
         raise ValueError("texts must be a non-empty list of strings")
@@ -98,7 +99,8 @@ def evaluate_perplexity(model: nn.Module, tokenizer, texts: Sequence[str], max_l
             ids, attn = ids.to(device), attn.to(device)
             logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits.float()
             targets = ids[:, 1:].masked_fill(attn[:, 1:] == 0, -100)
-            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), reduction="sum", ignore_index=-100)
+            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), reduction="sum",
+                                               ignore_index=-100)
             nll += float(loss)
             count += int((targets != -100).sum())
     finally:
@@ -136,7 +138,8 @@ def answer_matches(generated: str, answer: str) -> bool:
 
 
 @torch.no_grad()
-def generate_answers(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = 16, chat: bool = True, batch_size: int = 8) -> list[str]:
+def generate_answers(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = 16, chat: bool = True,
+                     batch_size: int = 8) -> list[str]:
     """Greedy completions of ``prompts`` (chat template applied when ``chat``), decoded without special tokens."""
     device = _device(model)
     side = tokenizer.padding_side
@@ -146,16 +149,19 @@ def generate_answers(model: nn.Module, tokenizer, prompts: Sequence[str], max_ne
         for start in range(0, len(prompts), batch_size):
             batch = list(prompts[start : start + batch_size])
             if chat and getattr(tokenizer, "chat_template", None):
-                batch = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) for p in batch]
+                batch = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                       tokenize=False) for p in batch]
             enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=not chat).to(device)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
             out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
     return out
 
 
-def score_exact_match(model: nn.Module, tokenizer, items: Sequence[dict], max_new_tokens: int = 16, chat: bool = True, batch_size: int = 8) -> float:
+def score_exact_match(model: nn.Module, tokenizer, items: Sequence[dict], max_new_tokens: int = 16, chat: bool = True,
+                      batch_size: int = 8) -> float:
     """Accuracy of greedy answers: items are ``{"prompt": str, "answer": str}`` (see :func:`answer_matches`)."""
     if not items:
         raise ValueError("items is empty")

@@ -144,7 +144,8 @@ def test_smoke_run_on_a_tiny_shape(monkeypatch):
     for r in (dense, keystone):
         r["memory_bytes"], r["flops"] = 1, train_step_flops(TINY, 2, 8, r["trainable"] if r is keystone else None)
     keystone.update(fraction=0.1)
-    results["train"].append({"shape": "tiny", "device": "cpu", "batch": 2, "seq": 8, "dense": dense, "keystone": [keystone]})
+    results["train"].append({"shape": "tiny", "device": "cpu", "batch": 2, "seq": 8, "dense": dense,
+                             "keystone": [keystone]})
 
     results["summary"] = bench.summarize(results)
     rows = results["summary"]["rows"]
@@ -155,7 +156,8 @@ def test_smoke_run_on_a_tiny_shape(monkeypatch):
     assert rows["wgrad"][0]["flop_ratio"] > 1 and rows["train"][0]["flop_bound"] > 1
     text = bench.report(results)
     assert "optimizer step, tiny shapes" in text and "train step" in text
-    json.dumps(results, default=str)  # the plot is left to CI's `bench --quick` run (matplotlib takes seconds to import)
+    # the plot is left to CI's `bench --quick` run (matplotlib takes seconds to import)
+    json.dumps(results, default=str)
 
 
 def test_lora_rows_beside_dense_and_keystone(monkeypatch):
@@ -177,9 +179,10 @@ def test_lora_rows_beside_dense_and_keystone(monkeypatch):
     for r in (dense, keystone, lora):
         r["memory_bytes"], r["flops"] = 1000, train_step_flops(TINY, 2, 8, None if r is dense else r["trainable"])
     keystone["fraction"], lora["memory_bytes"] = 1e-3, 2000
-    results = {"machine": bench.machine_info(torch.device("cpu")), "config": {"device": "cpu", "default_backend": "reference"},
-               "train": [{"shape": "tiny", "device": "cpu", "batch": 2, "seq": 8, "dense": dense, "keystone": [keystone],
-                          "lora": [lora], "liger": []}]}
+    results = {"machine": bench.machine_info(torch.device("cpu")),
+               "config": {"device": "cpu", "default_backend": "reference"},
+               "train": [{"shape": "tiny", "device": "cpu", "batch": 2, "seq": 8, "dense": dense,
+                          "keystone": [keystone], "lora": [lora], "liger": []}]}
     results["summary"] = bench.summarize(results)
     rows = results["summary"]["rows"]["baselines"]
     assert [r["kind"] for r in rows] == ["dense", "keystone", "lora"]
@@ -188,7 +191,8 @@ def test_lora_rows_beside_dense_and_keystone(monkeypatch):
     assert "train step beside PEFT LoRA" in bench.report(results) and "LoRA r=2 (PEFT)" in bench.report(results)
     # the issue-13 targets are read at SmolLM2-135M 4 x 128 (CPU): a row there is judged, a tiny one is not
     assert baseline_targets(results, rows) == []
-    at_target = dict(rows[2], shape="smollm2-135m", batch=4, seq=128, rank=16, keystone_speedup=1.25, keystone_memory_ratio=0.7)
+    at_target = dict(rows[2], shape="smollm2-135m", batch=4, seq=128, rank=16, keystone_speedup=1.25,
+                     keystone_memory_ratio=0.7)
     targets = baseline_targets(results, [at_target])
     assert [(t["goal"], t["holds"]) for t in targets] == [(">= 1.2", True), ("< 1", True)]
 
@@ -215,11 +219,12 @@ def test_a_failing_lora_row_keeps_the_dense_and_keystone_rows(monkeypatch):
     def fake(spec, timeout=1800):
         if spec.side == "lora":
             raise RuntimeError("train-step worker (lora, tiny) failed with exit code 1:\nImportError: no peft")
-        return {"time": {"median": 2.0 if spec.side == "dense" else 1.0}, "trainable": 10, "peak_rss": 3, "rss_after_imports": 1,
-                "backend": spec.backend}
+        return {"time": {"median": 2.0 if spec.side == "dense" else 1.0}, "trainable": 10, "peak_rss": 3,
+                "rss_after_imports": 1, "backend": spec.backend}
 
     monkeypatch.setattr(train_mod, "run_train_subprocess", fake)
-    out = train_mod.bench_train(TINY, torch.device("cpu"), 2, 8, [(0.1, "reference")], lora_ranks=(16,), log=lambda s: None)
+    out = train_mod.bench_train(TINY, torch.device("cpu"), 2, 8, [(0.1, "reference")], lora_ranks=(16,),
+                                log=lambda s: None)
     assert [r["time"]["median"] for r in [out["dense"], *out["keystone"]]] == [2.0, 1.0] and out["lora"] == []
     assert out["failed"] == [{"row": "LoRA r=16", "error": "train-step worker (lora, tiny) failed with exit code 1:\n"
                                                            "ImportError: no peft"}]

@@ -20,7 +20,8 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("data")
-    rows = [{"prompt": f"{a}+{b}=", "response": str(a + b), "answer": str(a + b)} for a in range(3, 9) for b in range(2, 5)]
+    rows = [{"prompt": f"{a}+{b}=", "response": str(a + b), "answer": str(a + b)}
+            for a in range(3, 9) for b in range(2, 5)]
     (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
     return folder
@@ -29,7 +30,8 @@ def data(tmp_path_factory):
 def test_find_and_verify(tiny_dir, tmp_path, capsys):
     mask = tmp_path / "mask.json"
     assert main(["find", "--model", tiny_dir, "--top-fraction", "0.05", "--out", str(mask)]) == 0
-    assert "keystone neurons:" in capsys.readouterr().out and json.loads(mask.read_text())["__metadata__"]["top_fraction"] == 0.05
+    assert ("keystone neurons:" in capsys.readouterr().out
+            and json.loads(mask.read_text())["__metadata__"]["top_fraction"] == 0.05)
     assert main(["verify", "--model", tiny_dir, "--mask", str(mask), "--seeds", "2"]) == 0
     out = capsys.readouterr().out
     assert "keystone ablated" in out and "random ablated (seed 1)" in out
@@ -63,19 +65,22 @@ def test_sft_writes_adapter_metrics_and_resumes(tiny_dir, data, tmp_path, capsys
             "--backend", "reference"]
     assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["mode"] == "keystone" and len(metrics["losses"]) == 4 and set(metrics["after"]) == {"accuracy", "perplexity", "qa_accuracy"}
+    assert (metrics["mode"] == "keystone" and len(metrics["losses"]) == 4
+            and set(metrics["after"]) == {"accuracy", "perplexity", "qa_accuracy"})
     assert (out / "keystone_adapter.safetensors").is_file() and (latest_checkpoint(out) / "state.json").is_file()
     assert "before" in capsys.readouterr().out
-    assert main(args[:-4] + ["--steps", "6", "--output", str(out), "--resume", "--no-eval", "--merge", "--backend", "reference"]) == 0
+    assert main(args[:-4] + ["--steps", "6", "--output", str(out), "--resume", "--no-eval", "--merge",
+                             "--backend", "reference"]) == 0
     assert len(json.loads((out / "metrics.json").read_text())["losses"]) == 6
     assert (out / "merged" / "config.json").is_file()
 
 
 def test_compare_and_demo(tiny_dir, data, tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert main(["compare", "--model", tiny_dir, "--data", str(data / "train.jsonl"), "--eval", str(data / "eval.jsonl"),
-                 "--top-fraction", "0.05", "--steps", "2", "--batch-size", "2", "--lrs-keystone", "1e-3", "--lrs-random", "1e-3",
-                 "--lrs-lora", "1e-3", "--lrs-full", "1e-5", "--output", str(out)]) == 0
+    assert main(["compare", "--model", tiny_dir, "--data", str(data / "train.jsonl"),
+                 "--eval", str(data / "eval.jsonl"), "--top-fraction", "0.05", "--steps", "2", "--batch-size", "2",
+                 "--lrs-keystone", "1e-3", "--lrs-random", "1e-3", "--lrs-lora", "1e-3", "--lrs-full", "1e-5",
+                 "--output", str(out)]) == 0
     report = json.loads((out / "compare.json").read_text())
     assert [r["mode"] for r in report["runs"]] == ["keystone", "random", "lora", "full"] and len(report["summary"]) == 4
     assert (out / "tradeoff.png").stat().st_size > 0 and "matched acc" in capsys.readouterr().out

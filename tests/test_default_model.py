@@ -110,9 +110,11 @@ def test_patched_forward_backward_peak_memory_is_at_most_half(default_model):
     patched = patch(copy.deepcopy(model), mask).train()
     patched_static = model_bytes(patched)
     patched_dynamic = peak_memory(step(patched))
-    patched_total = patched_static - sum(p.grad.numel() * 4 for p in patched.parameters() if p.grad is not None) + patched_dynamic
+    patched_total = (patched_static - sum(p.grad.numel() * 4 for p in patched.parameters() if p.grad is not None)
+                     + patched_dynamic)
     ratio = patched_total / dense_total
-    print(f"\npeak fwd+bwd: dense {dense_total / 2**20:.0f} MiB, patched {patched_total / 2**20:.0f} MiB, ratio {ratio:.3f}")
+    print(f"\npeak fwd+bwd: dense {dense_total / 2**20:.0f} MiB, patched {patched_total / 2**20:.0f} MiB, "
+          f"ratio {ratio:.3f}")
     assert ratio <= 0.5
 
 

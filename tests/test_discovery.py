@@ -143,7 +143,8 @@ def test_intersection_and_iou_arithmetic(tok):
     assert found.iou == pytest.approx(len(inter) / len(union))
     for a, b in itertools.combinations(sets, 2):
         assert found.pairwise_iou[f"{a} & {b}"] == pytest.approx(len(sets[a] & sets[b]) / len(sets[a] | sets[b]))
-    per_group_k = sum(max(1, int(s.size * 0.25)) for s in arch.neuron_keys(model, arch.family_for(model), None).values())
+    per_group_k = sum(max(1, int(s.size * 0.25))
+                      for s in arch.neuron_keys(model, arch.family_for(model), None).values())
     assert all(m.num_neurons == per_group_k for m in found.group_masks.values())
     meta = found.mask.metadata
     assert meta["selection"] == "per_layer" and meta["groups"] == {k: len(v) for k, v in PROMPTS.items()}
@@ -158,7 +159,8 @@ def test_intersection_and_iou_arithmetic(tok):
 
 def test_chat_and_bf16(tok):
     model = tiny_model("llama", dtype=torch.bfloat16)
-    found = find_keystone(model, tok, PROMPTS, top_fraction=0.1, chat=True, positions="all", types="residual", progress=False)
+    found = find_keystone(model, tok, PROMPTS, top_fraction=0.1, chat=True, positions="all", types="residual",
+                          progress=False)
     assert {k[0] for k in found.mask.neurons} <= {"res_attn", "res_mlp"}
     assert all(torch.isfinite(s).all() for g in found.scores.values() for s in g.values())
 

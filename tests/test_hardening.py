@@ -205,7 +205,8 @@ def test_prompts_longer_than_the_context_are_cut_with_a_warning(family):
     model, tok = tiny_model(family), tiny_tokenizer()
     limit = context_length(model)
     long = " ".join(["word"] * (3 * limit))
-    with pytest.warns(UserWarning, match=rf"longer than {limit} tokens \(the model's context of {limit};.* first {limit} tokens"):
+    with pytest.warns(UserWarning, match=rf"longer than {limit} tokens \(the model's context of {limit};"
+                                         rf".* first {limit} tokens"):
         cut = find_keystone(model, tok, prompts={"a": [long], "b": ["short one"]}, progress=False)
     # the same as asking for the cut explicitly
     with warnings.catch_warnings():

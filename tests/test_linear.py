@@ -131,8 +131,10 @@ def test_backward_saves_only_what_the_keystone_gradients_need(rng):
     def activations(saved):  # drop the frozen weight and the index vectors
         return [s for s in saved if len(s) == 2 and s[0] == t]
 
-    assert activations(_saved_bytes(KeystoneLinear(weight, None, rows, empty, torch.float32, "reference"), x)) == [(t, n_in)]
-    assert activations(_saved_bytes(KeystoneLinear(weight, None, empty, cols, torch.float32, "reference"), x)) == [(t, 3)]
+    assert (activations(_saved_bytes(KeystoneLinear(weight, None, rows, empty, torch.float32, "reference"), x))
+            == [(t, n_in)])
+    assert (activations(_saved_bytes(KeystoneLinear(weight, None, empty, cols, torch.float32, "reference"), x))
+            == [(t, 3)])
     assert activations(_saved_bytes(KeystoneLinear(weight, None, empty, empty, torch.float32, "reference"), x)) == []
 
 
@@ -143,8 +145,8 @@ def test_conv1d_layout_and_merge(rng):
     with torch.no_grad():
         conv.weight.copy_(torch.randn(7, 12, generator=rng))
         conv.bias.copy_(torch.randn(12, generator=rng))
-    module = KeystoneLinear(conv.weight.t(), conv.bias, torch.tensor([3]), torch.tensor([1, 6]), torch.float32, "reference",
-                            transposed=True)
+    module = KeystoneLinear(conv.weight.t(), conv.bias, torch.tensor([3]), torch.tensor([1, 6]), torch.float32,
+                            "reference", transposed=True)
     x = torch.randn(2, 5, 7, generator=rng)
     torch.testing.assert_close(module(x), conv(x))
     with torch.no_grad():

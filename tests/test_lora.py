@@ -15,9 +15,11 @@ from keystone_kernels.sft_data import SFTDataset
 peft = pytest.importorskip("peft", reason="the LoRA baseline needs the optional peft package (pip install '.[peft]')")
 from keystone_kernels import lora  # noqa: E402 (after the importorskip of peft)
 
-ROWS = [{"prompt": f"{a} plus {b}?", "response": f"{a + b}"} for a, b in [(1, 2), (30, 4), (7, 18), (12, 12), (5, 60), (9, 9)]]
+ROWS = [{"prompt": f"{a} plus {b}?", "response": f"{a + b}"}
+        for a, b in [(1, 2), (30, 4), (7, 18), (12, 12), (5, 60), (9, 9)]]
 MASK = {("attn_q", 0, None): [1, 5], ("attn_o", 1, None): [2], ("fwd_up", 1, None): [0, 9], ("fwd_down", 0, None): [3]}
-IDS = [torch.tensor([[5, 6, 7, 8, 9, 10]]), torch.tensor([[11, 3, 4, 12, 40, 41]]), torch.tensor([[7, 7, 8, 2, 30, 31]])]
+IDS = [torch.tensor([[5, 6, 7, 8, 9, 10]]), torch.tensor([[11, 3, 4, 12, 40, 41]]),
+       torch.tensor([[7, 7, 8, 2, 30, 31]])]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +45,8 @@ def _lm_head_lora(model, seed=3):
 def test_lora_mode_trains_the_adapters_only_and_saves_a_peft_adapter(tok, tmp_path):
     model = tiny_model("llama")
     base = {n: p.clone() for n, p in model.named_parameters()}
-    result = train(model, tok, None, SFTDataset(ROWS, tok), SFTConfig(mode="lora", lora_r=4, steps=10, lr=1e-2, batch_size=3),
-                   tmp_path / "out", progress=False)
+    result = train(model, tok, None, SFTDataset(ROWS, tok),
+                   SFTConfig(mode="lora", lora_r=4, steps=10, lr=1e-2, batch_size=3), tmp_path / "out", progress=False)
     assert min(result.losses[-3:]) < result.losses[0]
     # r (in + out) per projection: q, o 48x48; k, v 24x48; gate, up 72x48; down 48x72 -> 2784 per layer, 2 layers
     assert result.trainable_parameters == 2 * 4 * (2 * 96 + 2 * 72 + 3 * 120) == 5568
@@ -100,7 +102,8 @@ def test_missing_peft_says_how_to_install_it(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` now raises ImportError
-    with pytest.raises(ImportError, match=r"optional package peft; install it with: pip install 'keystone-kernels\[peft\]'"):
+    with pytest.raises(ImportError,
+                       match=r"optional package peft; install it with: pip install 'keystone-kernels\[peft\]'"):
         lora.add_lora(tiny_model("llama"))
     assert not lora.is_peft_model(tiny_model("llama"))
 
@@ -177,7 +180,8 @@ def test_patched_peft_model_saves_loads_and_merges_through_its_base(tmp_path):
 def test_peft_layers_on_a_decoder_projection_are_refused_and_the_model_is_untouched():
     pm = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
     before = {n: (p.clone(), p.requires_grad) for n, p in pm.named_parameters()}
-    with pytest.raises(ValueError, match=r"PEFT lora layer wraps the decoder projection model\.layers\.0\.self_attn\.q_proj "
+    with pytest.raises(ValueError, match=r"PEFT lora layer wraps the decoder projection "
+                                         r"model\.layers\.0\.self_attn\.q_proj "
                                          r"\(and 1 more\).*Supported: PEFT adapters on modules other than"):
         patch(pm, KeystoneMask(MASK), backend="reference")
     assert all(torch.equal(p, before[n][0]) and p.requires_grad == before[n][1] for n, p in pm.named_parameters())
@@ -263,7 +267,8 @@ def tiny_dir(tmp_path_factory, tok):
     path = tmp_path_factory.mktemp("tiny_llama_lora")
     tiny_model("llama").save_pretrained(path)
     tok.save_pretrained(path)
-    rows = [{"prompt": f"{a}+{b}=", "response": str(a + b), "answer": str(a + b)} for a in range(3, 9) for b in range(2, 5)]
+    rows = [{"prompt": f"{a}+{b}=", "response": str(a + b), "answer": str(a + b)}
+            for a in range(3, 9) for b in range(2, 5)]
     (path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
     return path
@@ -274,17 +279,19 @@ def test_cli_sft_lora_and_compare_with_lora(tiny_dir, tmp_path, capsys):
 
     data = ["--model", str(tiny_dir), "--data", str(tiny_dir / "train.jsonl"), "--eval", str(tiny_dir / "eval.jsonl")]
     out = tmp_path / "run"
-    assert main(["sft", *data, "--mode", "lora", "--lora-r", "2", "--steps", "3", "--batch-size", "2", "--output", str(out),
-                 "--merge"]) == 0
+    assert main(["sft", *data, "--mode", "lora", "--lora-r", "2", "--steps", "3", "--batch-size", "2",
+                 "--output", str(out), "--merge"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["mode"] == "lora" and metrics["trainable_parameters"] == 2 * 2 * (2 * 96 + 2 * 72 + 3 * 120)
-    assert (out / "lora_adapter" / "adapter_config.json").is_file() and not (out / "keystone_adapter.safetensors").exists()
+    assert ((out / "lora_adapter" / "adapter_config.json").is_file()
+            and not (out / "keystone_adapter.safetensors").exists())
     merged = json.loads((out / "merged" / "config.json").read_text())
     assert merged["model_type"] == "llama" and "before" in capsys.readouterr().out
     cmp, mask = tmp_path / "cmp", tmp_path / "mask.json"
     KeystoneMask(MASK).to_json(mask)
     assert main(["compare", *data, "--mask", str(mask), "--steps", "2", "--batch-size", "2", "--lrs-keystone", "1e-3",
-                 "--lrs-random", "--lrs-lora", "1e-3", "--lora-r", "2", "--lrs-full", "1e-5", "--output", str(cmp)]) == 0
+                 "--lrs-random", "--lrs-lora", "1e-3", "--lora-r", "2", "--lrs-full", "1e-5",
+                 "--output", str(cmp)]) == 0
     report = json.loads((cmp / "compare.json").read_text())
     assert [r["mode"] for r in report["runs"]] == ["keystone", "lora", "full"] and report["lora_r"] == 2
     assert [r["mode"] for r in report["summary"]] == ["keystone", "lora", "full"]

@@ -71,7 +71,8 @@ def test_moe_expert_keys_map_to_expert_slices(qwen3_moe):
 
 def test_gpt2_fused_qkv_and_conv1d_transpose():
     model = tiny_model("gpt2")  # n_embd 48: c_attn output is [q 48 | k 48 | v 48]
-    mask = KeystoneMask.from_dict({"attn_q": {"0": [1]}, "attn_k": {"0": [2]}, "attn_v": {"0": [3]}, "attn_o": {"1": [4]}})
+    mask = KeystoneMask.from_dict({"attn_q": {"0": [1]}, "attn_k": {"0": [2]}, "attn_v": {"0": [3]},
+                                   "attn_o": {"1": [4]}})
     got = _as_lists(mask.weight_indices(model))
     assert got == {"transformer.h.0.attn.c_attn": ([1, 50, 99], []), "transformer.h.1.attn.c_proj": ([], [4])}
     w, bias = arch.weight_2d(model, "transformer.h.0.attn.c_attn")
@@ -82,7 +83,8 @@ def test_gpt2_fused_qkv_and_conv1d_transpose():
 
 
 def test_json_round_trip_keeps_neurons_metadata_and_reference_layout(tmp_path, qwen3_moe):
-    mask = KeystoneMask({("attn_q", 1, None): [9, 2], ("fwd_up", 0, 3): [7], ("res_attn", 0, None): torch.tensor([4, 0])},
+    mask = KeystoneMask({("attn_q", 1, None): [9, 2], ("fwd_up", 0, 3): [7],
+                         ("res_attn", 0, None): torch.tensor([4, 0])},
                         {"model": "tiny", "iou": 0.5})
     path = tmp_path / "m.json"
     mask.to_json(path)

@@ -125,7 +125,8 @@ def test_nonfinite_gradients_leave_everything_untouched(mode, any_backend):
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen).to(device)
     opt.step()
-    snap = ([p.detach().clone() for p in params], [m.frozen_weight.clone() for m in mods], copy.deepcopy(opt.state_dict()))
+    snap = ([p.detach().clone() for p in params], [m.frozen_weight.clone() for m in mods],
+            copy.deepcopy(opt.state_dict()))
     params[1].grad[0, 0] = float("nan")
     params[3].grad[-1, -1] = float("inf")
     if mode == "raise":
@@ -178,7 +179,8 @@ def _train(model, opt, batches):
 def test_checkpoint_and_resume_is_bit_exact(tmp_path, any_backend):
     backend, device = any_backend
     base = tiny_model("llama").to(device)
-    mask = KeystoneMask({("attn_q", 0, None): [1, 7], ("attn_o", 1, None): [3], ("fwd_up", 1, None): [0, 70], ("fwd_down", 0, None): [5]})
+    mask = KeystoneMask({("attn_q", 0, None): [1, 7], ("attn_o", 1, None): [3], ("fwd_up", 1, None): [0, 70],
+                         ("fwd_down", 0, None): [5]})
     gen = torch.Generator().manual_seed(9)
     batches = [torch.randint(3, 250, (2, 9), generator=gen).to(device) for _ in range(20)]
 

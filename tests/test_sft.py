@@ -12,7 +12,8 @@ from keystone_kernels.sft import SFTConfig, batch_indices, latest_checkpoint, tr
 from keystone_kernels.sft_data import IGNORE, SFTDataset, collate, load_sft_dataset, pack, read_rows
 from keystone_kernels.tasks import addition_problems, multistep_problems, shipped_path, write_shipped
 
-ROWS = [{"prompt": f"{a} plus {b}?", "response": f"{a + b}"} for a, b in [(1, 2), (30, 4), (7, 18), (12, 12), (5, 60), (9, 9)]]
+ROWS = [{"prompt": f"{a} plus {b}?", "response": f"{a + b}"}
+        for a, b in [(1, 2), (30, 4), (7, 18), (12, 12), (5, 60), (9, 9)]]
 MASK = {("attn_q", 0, None): [1, 5], ("attn_o", 1, None): [2], ("fwd_up", 1, None): [0, 9], ("fwd_down", 0, None): [3]}
 
 
@@ -115,7 +116,8 @@ def test_bad_files(tmp_path, tok):
 def test_batches_are_a_function_of_seed_and_step():
     seen = [i for step in range(3) for i in batch_indices(10, 3, seed=4, index=step)]
     assert len(set(seen)) == 9  # one epoch: no repeats
-    assert batch_indices(10, 3, 4, 7) == batch_indices(10, 3, 4, 7) and batch_indices(10, 3, 4, 1) != batch_indices(10, 3, 5, 1)
+    assert (batch_indices(10, 3, 4, 7) == batch_indices(10, 3, 4, 7)
+            and batch_indices(10, 3, 4, 1) != batch_indices(10, 3, 5, 1))
 
 
 def test_keystone_training_lowers_the_loss_and_trains_only_keystone(tok, tmp_path):
@@ -138,8 +140,8 @@ def test_keystone_training_lowers_the_loss_and_trains_only_keystone(tok, tmp_pat
 
 def test_random_and_full_modes(tok):
     ds = SFTDataset(ROWS, tok)
-    rnd = train(tiny_model("llama"), tok, KeystoneMask(MASK), ds, SFTConfig(mode="random", steps=3, batch_size=2, backend="reference"),
-                progress=False)
+    rnd = train(tiny_model("llama"), tok, KeystoneMask(MASK), ds,
+                SFTConfig(mode="random", steps=3, batch_size=2, backend="reference"), progress=False)
     assert rnd.trainable_parameters == KeystoneMask(MASK).num_parameters(tiny_model("llama"))
     model = tiny_model("llama")
     full = train(model, tok, None, ds, SFTConfig(mode="full", steps=3, batch_size=2), progress=False)
@@ -161,7 +163,8 @@ def test_interrupted_and_resumed_run_ends_with_the_same_adapter(tok, tmp_path):
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        train(tiny_model("llama"), tok, KeystoneMask(MASK), ds, config, tmp_path / "resumed", progress=False, on_step=stop_after_checkpoint)
+        train(tiny_model("llama"), tok, KeystoneMask(MASK), ds, config, tmp_path / "resumed", progress=False,
+              on_step=stop_after_checkpoint)
     state = json.loads((latest_checkpoint(tmp_path / "resumed") / "state.json").read_text())
     assert state["step"] == 3
     result = train(tiny_model("llama"), tok, None, ds, config, tmp_path / "resumed", resume=True, progress=False)

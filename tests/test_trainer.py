@@ -46,8 +46,8 @@ def test_keystone_trainer_trains_only_keystone_and_saves_an_adapter(tmp_path):
     tok, base, model, data, collator = _setup()
     before = [p.detach().clone() for p in keystone_parameters(model)]
     frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
-    trainer = KeystoneTrainer(model=model, args=_args(tmp_path, max_grad_norm=1.0), train_dataset=data, data_collator=collator,
-                              processing_class=tok)
+    trainer = KeystoneTrainer(model=model, args=_args(tmp_path, max_grad_norm=1.0), train_dataset=data,
+                              data_collator=collator, processing_class=tok)
     trainer.train()
     assert isinstance(getattr(trainer.optimizer, "optimizer", trainer.optimizer), KeystoneAdamW)  # accelerate wraps it
     assert all(not torch.equal(a, b) for a, b in zip(keystone_parameters(model), before))

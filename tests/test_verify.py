@@ -23,7 +23,8 @@ MASKS = {
     # o_proj gets a row (res_attn 1) and columns (attn_o): the shared element must be handled once
     "llama": {("attn_q", 0, None): [0, 5], ("attn_k", 1, None): [3, 40], ("attn_o", 1, None): [1, 7, 30],
               ("res_attn", 1, None): [1], ("fwd_up", 0, None): [2], ("fwd_down", 1, None): [0, 71]},
-    "gpt2": {("attn_q", 0, None): [4], ("attn_v", 0, None): [4], ("attn_o", 1, None): [9], ("fwd_down", 0, None): [100]},
+    "gpt2": {("attn_q", 0, None): [4], ("attn_v", 0, None): [4], ("attn_o", 1, None): [9],
+             ("fwd_down", 0, None): [100]},
     "qwen3_moe": {("fwd_up", 0, 2): [1, 39], ("fwd_down", 0, 0): [5], ("res_mlp", 0, 0): [3], ("fwd_up", 1, None): [6]},
 }
 
@@ -102,7 +103,8 @@ def test_perplexity_matches_per_text_hf_loss():
 
 @pytest.mark.parametrize(
     "generated, answer, ok",
-    [("42", "42", True), (" The answer is 42.", "42", True), ("23 + 19 = 42", "42", True), ("23 + 19 = 41", "42", False),
+    [("42", "42", True), (" The answer is 42.", "42", True),
+     ("23 + 19 = 42", "42", True), ("23 + 19 = 41", "42", False),
      ("The answer is 42, not 43", "42", True), ("42 or 41", "42", False), ("1,000 apples", "1000", True),
      ("12 - 19 = -7", "-7", True), ("42\nand later 43", "42", True), ("Paris, of course", "paris", True),
      ("It is Paris.", "Paris", True), ("Parisian food", "Paris", False), ("Rome\nParis", "Paris", False),
@@ -134,7 +136,8 @@ def test_multiple_choice_picks_the_most_likely_choice():
         logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
         lls.append(float(sum(logp[len(q_ids) - 1 + i, t] for i, t in enumerate(c_ids))))
     best = max(range(3), key=lls.__getitem__)
-    items = [{"question": q, "choices": choices, "answer": best}, {"question": q, "choices": choices, "answer": (best + 1) % 3}]
+    items = [{"question": q, "choices": choices, "answer": best},
+             {"question": q, "choices": choices, "answer": (best + 1) % 3}]
     assert score_multiple_choice(model, tok, items) == 0.5
     with pytest.raises(ValueError, match="item 0 needs 'choices'"):
         score_multiple_choice(model, tok, [{"question": q, "choices": choices, "answer": 3}])
@@ -144,7 +147,8 @@ def test_collapse_table_rows():
     model, tok = tiny_model("llama"), tiny_tokenizer()
     mask = KeystoneMask(MASKS["llama"])
     rows = collapse_table(model, tok, mask, texts=PROMPTS["a"], seeds=[0, 1])
-    assert [r.condition for r in rows] == ["base", "keystone ablated", "random ablated (seed 0)", "random ablated (seed 1)"]
+    assert [r.condition for r in rows] == ["base", "keystone ablated", "random ablated (seed 0)",
+                                           "random ablated (seed 1)"]
     assert rows[0].ratio == 1.0 and all(r.neurons == mask.num_neurons for r in rows[1:])
     # the fair control: as many weights as the keystone mask (attn_k 3 and 40 read different k rows here)
     assert all(r.weights == mask.num_parameters(model, include_bias=False) > 0 for r in rows[1:])

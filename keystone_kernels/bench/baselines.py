@@ -49,7 +49,8 @@ def _row(tr: dict, r: dict, kind: str, config: str) -> dict:
     d = tr["dense"]
     return {"shape": tr["shape"], "batch": tr["batch"], "seq": tr["seq"], "kind": kind, "config": config,
             "fraction": r.get("fraction"), "rank": r.get("lora_r") if "lora" in kind else None,
-            "backend": r.get("backend"), "trainable": r["trainable"], "optimizer_state_bytes": r.get("optimizer_state_bytes"),
+            "backend": r.get("backend"), "trainable": r["trainable"],
+            "optimizer_state_bytes": r.get("optimizer_state_bytes"),
             "time_s": t, "tokens_per_s": r["tokens_per_s"], "memory_bytes": r["memory_bytes"],
             "speedup_vs_dense": d["time"]["median"] / t, "memory_ratio_vs_dense": r["memory_bytes"] / d["memory_bytes"]}
 
@@ -67,7 +68,8 @@ def baseline_rows(results: dict) -> list[dict]:
         if not tr.get("lora") and not tr.get("liger"):
             continue
         here = [_row(tr, tr["dense"], "dense", f"dense ({tr['dense'].get('optimizer', 'AdamW')})")]
-        keystone = [_row(tr, k, "keystone", f"keystone {100 * k['fraction']:g}% [{k['backend']}]") for k in tr["keystone"]]
+        keystone = [_row(tr, k, "keystone", f"keystone {100 * k['fraction']:g}% [{k['backend']}]")
+                    for k in tr["keystone"]]
         here += keystone
         ref = ([r for r in keystone if r["backend"] == default_backend and abs(r["fraction"] - 1e-3) < 1e-12]
                or keystone[:1])
@@ -100,7 +102,8 @@ def baseline_targets(results: dict, rows: list[dict]) -> list[dict]:
     and tokens (CPU: SmolLM2-135M 4 x 128, >= 1.2x; CUDA: Llama-3.2-1B 4 x 2048, >= 1x), with less memory."""
     device = results["config"]["device"]
     shape, batch, seq, goal = TARGETS.get(device, TARGETS["cpu"])
-    lora = [r for r in rows if r["kind"] == "lora" and r["rank"] == TARGET_RANK and r.get("keystone_speedup") is not None
+    lora = [r for r in rows
+            if r["kind"] == "lora" and r["rank"] == TARGET_RANK and r.get("keystone_speedup") is not None
             and (r["shape"], r["batch"], r["seq"]) == (shape, batch, seq)]
     if not lora:
         return []
@@ -129,7 +132,8 @@ def baseline_table(results: dict, markdown: bool = False) -> str:
     for key in dict.fromkeys((r["shape"], r["batch"], r["seq"]) for r in rows):
         sel = [r for r in rows if (r["shape"], r["batch"], r["seq"]) == key]
         mem = "peak RSS above imports GiB" if cpu else "peak allocated GiB"
-        title = (f"train step beside PEFT LoRA (q, k, v, o, gate, up, down; alpha 2 r; base {'fp32' if cpu else 'bf16'}), "
+        title = (f"train step beside PEFT LoRA (q, k, v, o, gate, up, down; alpha 2 r; "
+                 f"base {'fp32' if cpu else 'bf16'}), "
                  f"{key[0]} shapes, batch {key[1]} x seq {key[2]}")
         out.append(f"\n**{title}**\n" if markdown else f"\n{title}")
         out.append(_table(
@@ -171,7 +175,8 @@ def plot_baselines(results: dict, path: str | os.PathLike) -> bool:
             ax.bar(range(len(sel)), values, color=[colors.get(r["kind"], "tab:green") for r in sel])
             ax.set_xticks(range(len(sel)), labels, rotation=35, ha="right", fontsize=7)
             ax.set_ylabel(ylabel, fontsize=8)
-            ax.set_title(f"{key[0]} ({results['config']['device']}), {key[1]} x {key[2]}: {ylabel.split(',')[0]}", fontsize=9)
+            ax.set_title(f"{key[0]} ({results['config']['device']}), {key[1]} x {key[2]}: {ylabel.split(',')[0]}",
+                         fontsize=9)
             if field == "optimizer_state_bytes":
                 ax.set_yscale("log")
             ax.grid(True, axis="y", alpha=0.3)

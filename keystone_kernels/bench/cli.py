@@ -76,7 +76,8 @@ def cmd_bench(args) -> int:
     available = bench_backends(device)
     missing = [b for b in plan.backends if b not in available]
     if missing:
-        raise RuntimeError(f"backends {missing} cannot run on {device.type} here (available: {', '.join(available) or 'none'})")
+        raise RuntimeError(f"backends {missing} cannot run on {device.type} here "
+                           f"(available: {', '.join(available) or 'none'})")
     start = time.perf_counter()
     results = run(plan, args.out, file_stem=args.name)
     print()
@@ -94,8 +95,10 @@ def add_bench_command(sub) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
     p.add_argument("--out", default="bench-out", help="folder for the JSON and the plot (default ./bench-out)")
     p.add_argument("--backends", help="comma-separated keystone backends (default: every one that runs on the device)")
-    p.add_argument("--shapes", help=f"comma-separated model shapes (default: quick or full set; known: {', '.join(SHAPES)})")
-    p.add_argument("--fractions", help="comma-separated keystone fractions of neurons, e.g. 0.1%%,1%% (default 0.01%%,0.1%%,1%%,5%%)")
+    p.add_argument("--shapes", help="comma-separated model shapes (default: quick or full set; "
+                                    f"known: {', '.join(SHAPES)})")
+    p.add_argument("--fractions", help="comma-separated keystone fractions of neurons, e.g. 0.1%%,1%% "
+                                       "(default 0.01%%,0.1%%,1%%,5%%)")
     p.add_argument("--parts", help="comma-separated subset of host,optimizer,wgrad,train (default all)")
     p.add_argument("--train-steps", metavar="SHAPE:BxS[,...]",
                    help="train steps to run instead of the default ones, e.g. llama-3.2-1b:1x512 (each one row: "
@@ -104,12 +107,13 @@ def add_bench_command(sub) -> None:
                                                      "rewrite its tables (.md) and plot (.png) beside it")
     p.add_argument("--lora-ranks", metavar="R[,R...]",
                    help="PEFT LoRA rows (on q, k, v, o, gate, up, down) beside the SmolLM2 4x128 (CPU) / Llama-3.2-1B "
-                        "4x2048 (CUDA) train step, or beside every --train-steps step; 'none' for none (default: 16 with "
-                        "--quick, else 8,16,64; none with --train-steps)")
+                        "4x2048 (CUDA) train step, or beside every --train-steps step; 'none' for none "
+                        "(default: 16 with --quick, else 8,16,64; none with --train-steps)")
     p.add_argument("--liger", action="store_true",
                    help="CUDA: also time keystone and LoRA r=16 with Liger-Kernel's Llama kernels (untested; needs "
                         "liger-kernel)")
     p.add_argument("--name", help="file stem of the results (default bench_<device>[_quick])")
-    p.add_argument("--mem-budget-gb", type=float, help="memory the optimizer benchmark may use (default: CPU min(6, 40%% of "
-                                                      "available) GiB, CUDA 40%% of free)")
+    p.add_argument("--mem-budget-gb", type=float,
+                   help="memory the optimizer benchmark may use (default: CPU min(6, 40%% of "
+                        "available) GiB, CUDA 40%% of free)")
     p.set_defaults(func=cmd_bench)

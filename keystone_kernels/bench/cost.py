@@ -7,7 +7,8 @@ from collections.abc import Iterable
 from .shapes import Shape
 
 
-def keystone_tensor_layout(out_features: int, in_features: int, n_rows: int, n_cols: int) -> list[tuple[int, int, int | None, int | None]]:
+def keystone_tensor_layout(out_features: int, in_features: int, n_rows: int,
+                           n_cols: int) -> list[tuple[int, int, int | None, int | None]]:
     """The keystone tensors of one ``[out, in]`` weight with |R| = n_rows, |C| = n_cols (docs/design.md section 1).
 
     Each entry is ``(n, m, row_indices, col_indices)``: an ``[n, m]`` fp32 tensor and the lengths of

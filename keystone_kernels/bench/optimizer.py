@@ -34,7 +34,8 @@ class OptimizerCase:
         frozen = {}
         for i in range(layers):
             for name, o, k in shape.projections():
-                frozen[_projection_path(i, name)] = (torch.randn(o, k, generator=gen, device=device) * 0.02).to(torch.bfloat16)
+                frozen[_projection_path(i, name)] = (torch.randn(o, k, generator=gen, device=device)
+                                                     * 0.02).to(torch.bfloat16)
         return cls(shape, layers, device, build_model(shape, layers), frozen)
 
     @property
@@ -93,7 +94,8 @@ class DenseAdamWSetup:
         return [w.grad for w in self.weights]
 
     def resident_bytes(self, masked: bool) -> int:
-        return sum(2 * w.numel() * w.element_size() for w in self.weights) + (sum(m.numel() for m in self.masks) if masked else 0)
+        return (sum(2 * w.numel() * w.element_size() for w in self.weights)
+                + (sum(m.numel() for m in self.masks) if masked else 0))
 
     def step_fn(self, impl: str, masked: bool) -> tuple[torch.optim.Optimizer, Callable[[], None]]:
         """A fresh ``torch.optim.AdamW`` (``impl``: "foreach" or "fused") and its step; ``masked``:
@@ -152,8 +154,9 @@ def bench_optimizer(shape: Shape, fractions: Sequence[float], backends: Sequence
     """
     layers = fit_layers(shape, budget)
     if layers < 1:
-        return {"shape": shape.name, "skipped": f"one layer needs {shape.projection_params_per_layer * 26 / _GIB:.1f} GiB "
-                f"> budget {budget / _GIB:.1f} GiB"}
+        return {"shape": shape.name,
+                "skipped": f"one layer needs {shape.projection_params_per_layer * 26 / _GIB:.1f} GiB "
+                           f"> budget {budget / _GIB:.1f} GiB"}
     case = OptimizerCase.build(shape, layers, device, seed)
     numel = case.numel
     out = {"shape": shape.name, "layers": layers, "of_layers": shape.layers, "weights": numel, "device": device.type,

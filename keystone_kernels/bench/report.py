@@ -27,7 +27,8 @@ def summarize(results: dict) -> dict:
     for w in results.get("wgrad", []):
         for k in w["keystone"]:
             rows["wgrad"].append({"shape": w["shape"], "fraction": k["fraction"], "backend": k["backend"],
-                                  "time_s": k["time"]["median"], "speedup": w["dense"]["time"]["median"] / k["time"]["median"],
+                                  "time_s": k["time"]["median"],
+                                  "speedup": w["dense"]["time"]["median"] / k["time"]["median"],
                                   "flop_ratio": w["dense"]["flops"] / max(k["flops"], 1),
                                   "memory_ratio": k["memory_bytes"] / max(w["dense"]["memory_bytes"], 1)})
     for tr in results.get("train", []):
@@ -43,7 +44,8 @@ def summarize(results: dict) -> dict:
             rows["train"].append(r)
 
     def find(kind, **want):
-        return [r for r in rows[kind] if all((abs(r[k] - v) < 1e-12 if isinstance(v, float) else r[k] == v) for k, v in want.items())]
+        return [r for r in rows[kind]
+                if all((abs(r[k] - v) < 1e-12 if isinstance(v, float) else r[k] == v) for k, v in want.items())]
 
     default_backend = results["config"].get("default_backend")
 
@@ -122,14 +124,16 @@ def report(results: dict, markdown: bool = False) -> str:
     def title(text):
         lines.append(f"\n**{text}**\n" if markdown else f"\n{text}")
 
-    lines.append(f"machine: {m.get('gpu') or m['cpu']} ({m['cpu_count']} CPUs) | torch {m['torch']} | triton {m.get('triton')} "
-                 f"| cuda {m['cuda']} | commit {m['commit']} | load average {cfg.get('loadavg_start')} -> {cfg.get('loadavg_end')}")
+    lines.append(f"machine: {m.get('gpu') or m['cpu']} ({m['cpu_count']} CPUs) | torch {m['torch']} "
+                 f"| triton {m.get('triton')} | cuda {m['cuda']} | commit {m['commit']} "
+                 f"| load average {cfg.get('loadavg_start')} -> {cfg.get('loadavg_end')}")
     for h in results.get("host", []):
         title(f"host work of one KeystoneAdamW step over tiny tensors ({h['device']}): the time per extra tensor")
         lo, hi = h["counts"][0], h["counts"][-1]
         lines.append(_table(["backend", "capturable", f"us at {lo}", f"us at {hi}", "us per extra tensor"],
-                            [[r["backend"], "yes" if r["capturable"] else "no", _fmt(r["times"][str(lo)]["median"] * 1e6),
-                              _fmt(r["times"][str(hi)]["median"] * 1e6), _fmt(r["slope_s"] * 1e6)]
+                            [[r["backend"], "yes" if r["capturable"] else "no",
+                              _fmt(r["times"][str(lo)]["median"] * 1e6), _fmt(r["times"][str(hi)]["median"] * 1e6),
+                              _fmt(r["slope_s"] * 1e6)]
                              for r in h["rows"]], markdown))
     for o in results.get("optimizer", []):
         if o.get("skipped"):
@@ -142,13 +146,15 @@ def report(results: dict, markdown: bool = False) -> str:
         names = list(o["dense"])
         mem_key = "masked_foreach" if "masked_foreach" in names else names[0]
         lines.append(_table(
-            ["keystone", "params", "backend", "ms", *[f"x {n}" for n in names], f"mem / {mem_key}", "bytes/s / limit", "launches"],
+            ["keystone", "params", "backend", "ms", *[f"x {n}" for n in names], f"mem / {mem_key}", "bytes/s / limit",
+             "launches"],
             [[_pct(r["fraction"]), r["params"], r["backend"], _fmt(r["time_s"] * 1e3),
               *[_fmt(r[f"speedup_vs_{n}"], ".4g") for n in names], _fmt(r[f"memory_ratio_vs_{mem_key}"]),
               _fmt(r["bandwidth_fraction"], ".1%"), _fmt(r["launches"], "d")] for r in rows], markdown))
     for w in results.get("wgrad", []):
         d = w["dense"]
-        title(f"weight gradient, {w['shape']} shapes, the 7 projections of one layer, {w['tokens']} tokens {w['dtype']}: "
+        title(f"weight gradient, {w['shape']} shapes, the 7 projections of one layer, "
+              f"{w['tokens']} tokens {w['dtype']}: "
               f"dense dW {d['time']['median'] * 1e3:.1f} ms ({d['flops_per_s'] / 1e9:.0f} GFLOP/s)")
         rows = [r for r in s["rows"]["wgrad"] if r["shape"] == w["shape"]]
         ks = {(k["fraction"], k["backend"]): k for k in w["keystone"]}
@@ -161,10 +167,13 @@ def report(results: dict, markdown: bool = False) -> str:
         d = tr["dense"]
         cpu = tr["device"] == "cpu"
         mem = "peak RSS above the RSS after imports" if cpu else "peak allocated"
-        title(f"train step (forward + backward + optimizer), {tr['shape']} shapes, batch {tr['batch']} x seq {tr['seq']}: "
+        title(f"train step (forward + backward + optimizer), {tr['shape']} shapes, "
+              f"batch {tr['batch']} x seq {tr['seq']}: "
               f"dense ({d['optimizer']}) {d['time']['median']:.3f} s/step, {d['tokens_per_s']:.0f} tokens/s, "
-              f"{mem} {d['memory_bytes'] / _GIB:.2f} GiB" + (f" (absolute peak RSS {d['peak_rss'] / _GIB:.2f} GiB)" if cpu else ""))
-        rows = [r for r in s["rows"]["train"] if r["shape"] == tr["shape"] and r["seq"] == tr["seq"] and r["batch"] == tr["batch"]]
+              f"{mem} {d['memory_bytes'] / _GIB:.2f} GiB"
+              + (f" (absolute peak RSS {d['peak_rss'] / _GIB:.2f} GiB)" if cpu else ""))
+        rows = [r for r in s["rows"]["train"]
+                if r["shape"] == tr["shape"] and r["seq"] == tr["seq"] and r["batch"] == tr["batch"]]
         ks = {(k["fraction"], k["backend"]): k for k in tr["keystone"]}
         lines.append(_table(
             ["keystone", "params", "backend", "s/step", "tokens/s", "speedup", "FLOP bound", "memory GiB", "mem ratio"]
@@ -180,7 +189,8 @@ def report(results: dict, markdown: bool = False) -> str:
     if s["targets"]:
         title("targets (docs/design.md section 8)")
         lines.append(_table(["target", "backend", "measured", "goal", "holds"],
-                            [[t["target"], t["backend"], _fmt(t["value"], ".3g"), t["goal"], "yes" if t["holds"] else "NO"]
+                            [[t["target"], t["backend"], _fmt(t["value"], ".3g"), t["goal"],
+                              "yes" if t["holds"] else "NO"]
                              for t in s["targets"]], markdown))
     return "\n".join(lines)
 
@@ -221,7 +231,8 @@ def plot(results: dict, path: str | os.PathLike) -> bool:
                 color = colors.get(backend)
                 ax_s.plot(xs, [r[key] for r in rs], marker=marker, linestyle=ls, color=color, label=label)
                 ax_m.plot(xs, [r[mkey] for r in rs], marker=marker, linestyle=ls, color=color, label=label)
-        for ax, title, ylabel in ((ax_s, "speedup over dense (x)", "speedup"), (ax_m, "memory keystone / dense", "ratio")):
+        for ax, title, ylabel in ((ax_s, "speedup over dense (x)", "speedup"),
+                                  (ax_m, "memory keystone / dense", "ratio")):
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel("keystone neurons (%)")

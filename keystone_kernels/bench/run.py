@@ -72,7 +72,8 @@ def make_plan(device: torch.device, quick: bool, backends: Sequence[str] | None 
         else:
             opt_shapes = wg_shapes = tuple(SHAPES)
             train = [("smollm2-135m", 4, 512, [(1e-3, auto)]),
-                     ("llama-3.2-1b", 1, 512, [(f, auto) for f in fr] + [(1e-3, b) for b in bk if b not in (auto, "reference")]),
+                     ("llama-3.2-1b", 1, 512,
+                      [(f, auto) for f in fr] + [(1e-3, b) for b in bk if b not in (auto, "reference")]),
                      ("llama-3.2-1b", 4, 2048, [(1e-3, auto), (1e-2, auto)]),
                      ("qwen3-0.6b", 4, 2048, [(1e-3, auto)])]
     elif quick:
@@ -88,7 +89,8 @@ def make_plan(device: torch.device, quick: bool, backends: Sequence[str] | None 
             raise ValueError(f"unknown shapes {sorted(unknown)}; known: {', '.join(SHAPES)}")
         opt_shapes = tuple(s for s in shapes)
         wg_shapes = opt_shapes
-        train = [t for t in train if t[0] in shapes] or [(s, 4, 128 if not cuda else 512, [(1e-3, auto)]) for s in shapes[:1]]
+        train = ([t for t in train if t[0] in shapes]
+                 or [(s, 4, 128 if not cuda else 512, [(1e-3, auto)]) for s in shapes[:1]])
     train = [(s, b, q, [(f, k) for f, k in cases if f in fr and k in bk]) for s, b, q, cases in train]
     train = [t for t in train if t[3]]
     # the baseline users would pick instead: PEFT LoRA on the same seven projections (issue 13's targets)
@@ -111,12 +113,15 @@ def make_plan(device: torch.device, quick: bool, backends: Sequence[str] | None 
 def _train_fits(shape: Shape, batch: int, seq: int, device: torch.device) -> tuple[bool, str]:
     """Dense full fine-tuning needs ~16 B per parameter plus activations; skip what cannot fit."""
     need = 16 * shape.total_params + 4 * batch * seq * (shape.vocab * 3 + shape.layers * 16 * shape.hidden)
-    have = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else _free_device_bytes(device)
+    have = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+            else _free_device_bytes(device))
     ok = need < 0.85 * have
-    return ok, f"dense needs ~{need / _GIB:.0f} GiB, {have / _GIB:.0f} GiB {'total' if device.type == 'cuda' else 'available'}"
+    return ok, (f"dense needs ~{need / _GIB:.0f} GiB, "
+                f"{have / _GIB:.0f} GiB {'total' if device.type == 'cuda' else 'available'}")
 
 
-def run(plan: Plan, out_dir: str | os.PathLike, log: Callable[[str], None] = print, file_stem: str | None = None) -> dict:
+def run(plan: Plan, out_dir: str | os.PathLike, log: Callable[[str], None] = print,
+        file_stem: str | None = None) -> dict:
     """Run ``plan``; write ``<stem>.json`` (after every part), ``.md`` (the tables), ``.png`` (the plot) and,
     with LoRA rows, ``<stem>_train.png`` in ``out_dir``; ``file_stem`` defaults to ``bench_<device>[_quick]``."""
     out_dir = Path(out_dir)
@@ -128,9 +133,10 @@ def run(plan: Plan, out_dir: str | os.PathLike, log: Callable[[str], None] = pri
     bandwidth = bw["limit"]
     results: dict = {
         "machine": machine_info(device),
-        "config": {"device": device.type, "quick": plan.quick, "fractions": list(plan.fractions), "backends": list(plan.backends),
-                   "default_backend": plan.default_backend,
-                   "warmup": plan.warmup, "reps": plan.reps, "train_warmup": plan.train_warmup, "train_reps": plan.train_reps,
+        "config": {"device": device.type, "quick": plan.quick, "fractions": list(plan.fractions),
+                   "backends": list(plan.backends), "default_backend": plan.default_backend,
+                   "warmup": plan.warmup, "reps": plan.reps, "train_warmup": plan.train_warmup,
+                   "train_reps": plan.train_reps,
                    "budget_bytes": plan.budget, "lora_ranks": list(plan.lora_ranks),
                    "baseline_steps": [list(t) for t in plan.baseline_steps], "liger": plan.liger,
                    "bandwidth": bw, "loadavg_start": loadavg(), "notes": plan.notes,
@@ -154,8 +160,9 @@ def run(plan: Plan, out_dir: str | os.PathLike, log: Callable[[str], None] = pri
         save()
     if "optimizer" in plan.parts:
         for name in plan.optimizer_shapes:
-            results["optimizer"].append(bench_optimizer(SHAPES[name], plan.fractions, plan.backends, device, warmup=plan.warmup,
-                                                        reps=plan.reps, budget=plan.budget, bandwidth=bandwidth, log=log))
+            results["optimizer"].append(bench_optimizer(SHAPES[name], plan.fractions, plan.backends, device,
+                                                        warmup=plan.warmup, reps=plan.reps, budget=plan.budget,
+                                                        bandwidth=bandwidth, log=log))
             results["optimizer"][-1]["loadavg"] = loadavg()
             save()
             if device.type == "cuda":

@@ -119,7 +119,8 @@ def layer_mask(model, fraction: float, layer: int = 0, seed: int = 0):
 
     gen = torch.Generator().manual_seed(seed)
     keys = {k: s for k, s in arch.neuron_keys(model, arch.family_for(model), None).items() if k[1] == layer}
-    return KeystoneMask({k: torch.randperm(s.size, generator=gen)[: max(1, round(fraction * s.size))] for k, s in keys.items()},
+    return KeystoneMask({k: torch.randperm(s.size, generator=gen)[: max(1, round(fraction * s.size))]
+                         for k, s in keys.items()},
                         {"synthetic": True, "fraction": fraction, "seed": seed, "layer": layer})
 
 

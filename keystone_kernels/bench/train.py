@@ -92,7 +92,8 @@ def build_train_step(spec: TrainSpec) -> tuple[Callable[[], None], dict]:
         kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
         opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, **kw)
         info.update(optimizer=f"torch AdamW({next(iter(kw))})")
-        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+        autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
+                    else contextlib.nullcontext)
     elif spec.side == "keystone":
         model = build_model(shape, device=device, dtype=torch.bfloat16, seed=spec.seed)
         mask = synthetic_mask(model, spec.fraction, spec.seed)
@@ -181,7 +182,8 @@ def run_train_subprocess(spec: TrainSpec, timeout: float = 1800) -> dict:
         if line.startswith(_RESULT_TAG):
             return json.loads(line[len(_RESULT_TAG):])
     tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-20:])
-    raise RuntimeError(f"train-step worker ({spec.side}, {spec.shape}) failed with exit code {proc.returncode}:\n{tail}")
+    raise RuntimeError(f"train-step worker ({spec.side}, {spec.shape}) failed with exit code "
+                       f"{proc.returncode}:\n{tail}")
 
 
 def optimizer_state_bytes(optimizer) -> int:
@@ -206,7 +208,8 @@ def bench_train(shape: Shape, device: torch.device, batch: int, seq: int, cases:
 
     ``lora_ranks``: PEFT LoRA rows beside them (``out["lora"]``); ``liger``: the first keystone case
     and LoRA r=16 again with Liger-Kernel applied (``out["liger"]``; CUDA, Llama shapes)."""
-    out = {"shape": shape.name, "device": device.type, "batch": batch, "seq": seq, "keystone": [], "lora": [], "liger": []}
+    out = {"shape": shape.name, "device": device.type, "batch": batch, "seq": seq,
+           "keystone": [], "lora": [], "liger": []}
     common = dict(shape=shape.name, device=device.type, batch=batch, seq=seq, warmup=warmup, reps=reps, seed=seed)
     dense = run_train_subprocess(TrainSpec(side="dense", **common))
     dense["memory_bytes"] = _train_memory(dense, device.type)
@@ -237,7 +240,8 @@ def bench_train(shape: Shape, device: torch.device, batch: int, seq: int, cases:
             continue
         r["memory_bytes"] = _train_memory(r, device.type)
         out[where].append(r)
-        log(f"  {what}: {r['time']['median']:.3f} s/step, {r['memory_bytes'] / _GIB:.2f} GiB, {r['trainable']:,} trainable")
+        log(f"  {what}: {r['time']['median']:.3f} s/step, {r['memory_bytes'] / _GIB:.2f} GiB, "
+            f"{r['trainable']:,} trainable")
     return out
 
 
