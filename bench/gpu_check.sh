@@ -13,12 +13,14 @@
 #                    (1 x 512 tokens, 0.1%, default backend)
 #   6. hotpath       bench/gpu_hotpath.py: host syncs, host vs GPU time and kernel launches per
 #                    KeystoneAdamW.step(), capturable=False against capturable=True
-#   7. pack          the logs into one tar, and the summary
+#   7. profile       bench/gpu_trainprofile.py: where the Llama-3.2-1B 1 x 512 train step spends its time,
+#                    dense against keystone (forward / backward / optimizer, top kernels, top host ops)
+#   8. pack          the logs into one tar, and the summary
 #
-# Results in $OUT (default ./out), 4 files: summary.txt (state and seconds of every step, test counts,
-# the benchmark tables and targets, the hot-path table, the final status line), gpu_check_logs.tar.gz
-# (every log, the junit XML, the benchmark's JSON / md / png, the hot-path JSON), and for quick
-# reading bench_cuda_quick.json and gpu_hotpath.json. The full GPU benchmarks (every shape, the
+# Results in $OUT (default ./out), 5 files: summary.txt (state and seconds of every step, test counts,
+# the benchmark tables and targets, the hot-path and profile tables, the final status line),
+# gpu_check_logs.tar.gz (every log, the junit XML, the benchmark's JSON / md / png, the hot-path and
+# profile JSON), and for quick reading bench_cuda_quick.json, gpu_hotpath.json and trainprofile.json. The full GPU benchmarks (every shape, the
 # pytest-benchmark suites) are bench/gpu_full.sh, for a second call.
 #
 # Usage: bash bench/gpu_check.sh            (from anywhere; runs from the repository root)
@@ -54,22 +56,24 @@ fi
 
 # --------------------------------------------------------------------------- the steps
 
-steps=(info build tests-triton tests-ext bench hotpath pack)
+steps=(info build tests-triton tests-ext bench hotpath profile pack)
 # Time limits (seconds). The build runs in the background while the Triton tests run, so only the
 # build's limit counts for that stretch; the Triton tests' limit must stay inside it. Measured on an
 # H200 with 16 cores (2026-11-27, three runs; the summary records the seconds each step took):
 #   info 15       torch import and CUDA init, nvidia-smi: 8-12 s
-#   build 125     two C++ files with ATen headers and three plain CUDA files under ninja: 21 s cold;
+#   build 100     two C++ files with ATen headers and three plain CUDA files under ninja: 21 s cold;
 #                 cached in TORCH_EXTENSIONS_DIR, a rerun takes 6 s
-#   triton 120    ~500 tests over 8 workers, mostly Triton JIT compiles: 65 s (85 s with 91 failures)
-#   ext 75        ~390 tests over 8 workers: 51-54 s
-#   bench 90      bandwidth, the 8B optimizer step and weight grad, the 1B train step (dense and
+#   triton 100    ~500 tests over 8 workers, mostly Triton JIT compiles: 65 s (85 s with 91 failures)
+#   ext 70        ~390 tests over 8 workers: 51-54 s
+#   bench 85      bandwidth, the 8B optimizer step and weight grad, the 1B train step (dense and
 #                 keystone, each in a fresh process): 68-75 s
-#   hotpath 35    a 4-layer model, 2 x ~70 steps and 2 profiles: 17-19 s
+#   hotpath 25    a 4-layer model, 2 x ~70 steps and 2 profiles: 17-19 s
+#   profile 40    two 1B models, 7 + 2 profiled steps each (not measured yet; ~25 s expected)
 #   pack 5        a tar of ~120 KB: 0 s
-declare -A limit=([info]=15 [build]=125 [tests-triton]=120 [tests-ext]=75 [bench]=90 [hotpath]=35 [pack]=5)
+declare -A limit=([info]=15 [build]=100 [tests-triton]=100 [tests-ext]=70 [bench]=85 [hotpath]=25 [profile]=40
+                  [pack]=5)
 declare -A mode=([info]=sequential [build]=background [tests-triton]=concurrent [tests-ext]=sequential
-                 [bench]=sequential [hotpath]=sequential [pack]=sequential)
+                 [bench]=sequential [hotpath]=sequential [profile]=sequential [pack]=sequential)
 declare -A what=(
   [info]="machine and versions into info.txt; exits 1 without a CUDA device (then every step but pack is skipped)"
   [build]="JIT build of the extension with its CUDA kernels (ninja, verbose log); started in the background"
@@ -77,7 +81,8 @@ declare -A what=(
   [tests-ext]="after waiting for the build: every other gpu test (the CUDA extension); skipped if the build failed"
   [bench]="Llama-3.1-8B optimizer step + weight grad at 0.1%, 1% (triton, ext) and a Llama-3.2-1B 1x512 train step; --backends triton if the build failed"
   [hotpath]="syncs, host vs GPU time and launches per KeystoneAdamW.step(), capturable=False / True"
-  [pack]="tar the logs into \$OUT/gpu_check_logs.tar.gz, write \$OUT/summary.txt, copy the two JSONs"
+  [profile]="Llama-3.2-1B 1x512 train step, dense vs keystone: phases, top kernels, top host ops"
+  [pack]="tar the logs into \$OUT/gpu_check_logs.tar.gz, write \$OUT/summary.txt, copy the three JSONs"
 )
 
 q() { printf '%q' "$1"; }
@@ -95,10 +100,11 @@ declare -A cmd=(
   [tests-ext]="$P -m pytest tests $pytest_args -k 'not triton' --junitxml=$L/junit-ext.xml >$L/pytest-ext.log 2>&1"
   [bench]="$P -m keystone_kernels bench $bench_args --backends triton,ext --out $L/bench >$L/bench.log 2>&1"
   [hotpath]="$P bench/gpu_hotpath.py --device cuda --out $L/gpu_hotpath.json >$L/hotpath.log 2>&1"
+  [profile]="$P bench/gpu_trainprofile.py --device cuda --shape llama-3.2-1b --batch 1 --seq 512 --out $L/trainprofile >$L/trainprofile.log 2>&1"
   [pack]="tar -czf $O/gpu_check_logs.tar.gz -C $L ."
 )
 declare -A log=([info]=info.txt [build]=build.log [tests-triton]=pytest-triton.log [tests-ext]=pytest-ext.log
-                [bench]=bench.log [hotpath]=hotpath.log [pack]="")
+                [bench]=bench.log [hotpath]=hotpath.log [profile]=trainprofile.log [pack]="")
 
 # The wall-time budget: the limits of the steps in line (a concurrent one runs inside the background
 # one), plus the kill grace of each.
@@ -177,7 +183,7 @@ write_summary() {
     done
     for s in "${steps[@]}"; do  # what went wrong, where it did (info above; hotpath and a bench report below)
       case ${state[$s]} in FAILED*|TIMEOUT*) ;; *) continue ;; esac
-      case $s in info|hotpath) continue ;; esac
+      case $s in info|hotpath|profile) continue ;; esac
       [ "$s" = bench ] && grep -q '^machine:' "$logs/bench.log" 2>/dev/null && continue
       echo "--- $s: end of ${log[$s]}"
       tail_of "$s" 15
@@ -189,6 +195,10 @@ write_summary() {
     if [ -f "$logs/hotpath.log" ]; then
       echo "--- hotpath"
       cat "$logs/hotpath.log"
+    fi
+    if [ -f "$logs/trainprofile.log" ]; then
+      echo "--- profile"
+      cat "$logs/trainprofile.log"
     fi
   } >"$out/summary.txt"
 }
@@ -203,7 +213,7 @@ finish() {  # always: stop a build still running, pack, summarize, print the sta
   write_summary  # first into the logs too, so the tar holds it
   cp "$out/summary.txt" "$logs/summary.txt" 2>/dev/null
   run_step pack
-  for f in bench/bench_cuda_quick.json gpu_hotpath.json; do
+  for f in bench/bench_cuda_quick.json gpu_hotpath.json trainprofile/trainprofile.json; do
     [ -f "$logs/$f" ] && cp "$logs/$f" "$out/"
   done
   local failed=() skipped=() s
@@ -230,7 +240,7 @@ echo "gpu_check: logs in $logs, results in $out, budget $budget s"
 run_step info
 cat "$logs/info.txt"
 if [ "${state[info]}" != ok ]; then
-  for s in build tests-triton tests-ext bench hotpath; do skip "$s" "the info step failed (no CUDA device?)"; done
+  for s in build tests-triton tests-ext bench hotpath profile; do skip "$s" "the info step failed (no CUDA device?)"; done
   exit 1
 fi
 
@@ -260,4 +270,5 @@ fi
 
 run_step bench
 run_step hotpath
+run_step profile
 exit 0  # the EXIT trap packs, summarizes and sets the status

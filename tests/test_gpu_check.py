@@ -19,7 +19,7 @@ from keystone_kernels import bench
 
 REPO = Path(__file__).resolve().parent.parent
 CHECK = REPO / "bench" / "gpu_check.sh"
-STEPS = ["info", "build", "tests-triton", "tests-ext", "bench", "hotpath", "pack"]
+STEPS = ["info", "build", "tests-triton", "tests-ext", "bench", "hotpath", "profile", "pack"]
 BUDGET_S = 360  # one call: 6 minutes at most, out of 15 minutes of device time with the machine's start
 STEP_LINE = re.compile(r"^step (\d+): (\S+) limit=(\d+)s mode=(sequential|background|concurrent)$")
 BUDGET_LINE = re.compile(r"^budget: (\d+) s = limits (\d+) s .* \+ (\d+) x (\d+) s kill grace")
@@ -55,6 +55,7 @@ def test_dry_run_lists_every_step_in_order_with_a_command(dry):
     assert "-m gpu" in cmds["tests-triton"] and "-k triton" in cmds["tests-triton"] and "-n 8" in cmds["tests-triton"]
     assert "-m gpu" in cmds["tests-ext"] and "-k 'not triton'" in cmds["tests-ext"]
     assert "bench/gpu_hotpath.py --device cuda" in cmds["hotpath"]
+    assert "bench/gpu_trainprofile.py --device cuda" in cmds["profile"]
     assert "gpu_check_logs.tar.gz" in cmds["pack"]
 
 
@@ -114,6 +115,15 @@ def test_hotpath_step_parses_with_the_probe_cli(dry):
     spec.loader.exec_module(probe)
     args = probe.parser().parse_args(_args_of(dry["steps"]["hotpath"]["cmd"], "bench/gpu_hotpath.py"))
     assert args.device == "cuda" and args.out.endswith("gpu_hotpath.json")
+
+
+def test_profile_step_parses_with_the_profile_cli(dry):
+    spec = importlib.util.spec_from_file_location("gpu_trainprofile", REPO / "bench" / "gpu_trainprofile.py")
+    profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile)
+    args = profile.parser().parse_args(_args_of(dry["steps"]["profile"]["cmd"], "bench/gpu_trainprofile.py"))
+    assert (args.device, args.shape, args.batch, args.seq) == ("cuda", "llama-3.2-1b", 1, 512)
+    assert args.out.endswith("trainprofile") and args.sides == "dense,keystone"
 
 
 @pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_full.sh"])

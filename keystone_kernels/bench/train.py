@@ -40,6 +40,7 @@ class TrainSpec:
     seed: int = 0
     lora_r: int = 16
     liger: bool = False  # apply_liger_kernel_to_llama() before building the model (CUDA, Llama shapes)
+    layers: int | None = None  # decoder layers to build (None: all of the shape's)
 
 
 def _proc_status(field_name: str) -> int | None:
@@ -72,7 +73,8 @@ def build_train_step(spec: TrainSpec) -> tuple[Callable[[], None], dict]:
     adapters) on q, k, v, o, gate, up, down of a frozen base (CPU: fp32, CUDA: bf16 with bf16
     autocast), torch AdamW over the adapters (foreach / fused). Same random tokens (``labels =
     input_ids``) on every side. ``spec.liger``: Liger-Kernel's Llama kernels first (CUDA only).
-    The optimizer is returned as ``step.optimizer``.
+    The optimizer is returned as ``step.optimizer``, the phases as ``step.forward()`` (returns the loss)
+    and ``step.optimize()`` (``step`` + ``zero_grad``).
     """
     from ..optim import KeystoneAdamW
     from ..patching import keystone_parameters, patch
@@ -87,7 +89,7 @@ def build_train_step(spec: TrainSpec) -> tuple[Callable[[], None], dict]:
     ids = torch.randint(0, shape.vocab, (spec.batch, spec.seq), generator=gen).to(device)
     info: dict = {"spec": asdict(spec)}
     if spec.side == "dense":
-        model = build_model(shape, device=device, dtype=torch.float32, seed=spec.seed)
+        model = build_model(shape, spec.layers, device=device, dtype=torch.float32, seed=spec.seed)
         params = [p for p in model.parameters() if p.requires_grad]
         kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
         opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, **kw)
@@ -95,7 +97,7 @@ def build_train_step(spec: TrainSpec) -> tuple[Callable[[], None], dict]:
         autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
                     else contextlib.nullcontext)
     elif spec.side == "keystone":
-        model = build_model(shape, device=device, dtype=torch.bfloat16, seed=spec.seed)
+        model = build_model(shape, spec.layers, device=device, dtype=torch.bfloat16, seed=spec.seed)
         mask = synthetic_mask(model, spec.fraction, spec.seed)
         patch(model, mask, frozen_dtype=torch.bfloat16, backend=spec.backend,
               other_dtype=torch.float32 if device.type == "cpu" else None)
@@ -107,7 +109,8 @@ def build_train_step(spec: TrainSpec) -> tuple[Callable[[], None], dict]:
         from ..lora import add_lora, lora_optimizer
 
         cuda = device.type == "cuda"
-        model = build_model(shape, device=device, dtype=torch.bfloat16 if cuda else torch.float32, seed=spec.seed)
+        model = build_model(shape, spec.layers, device=device, dtype=torch.bfloat16 if cuda else torch.float32,
+                            seed=spec.seed)
         add_lora(model, r=spec.lora_r)
         opt = lora_optimizer(model, lr=1e-5, weight_decay=0.01)
         params = [p for g in opt.param_groups for p in g["params"]]
@@ -119,13 +122,20 @@ def build_train_step(spec: TrainSpec) -> tuple[Callable[[], None], dict]:
     model.train()
     info["trainable"] = sum(p.numel() for p in params)
 
-    def step():
+    def forward() -> torch.Tensor:
         with autocast():
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
+            return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+    def optimize() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    def step():
+        forward().backward()
+        optimize()
+
+    # the phases, for profiles that time them apart (bench/gpu_trainprofile.py)
+    step.forward, step.optimize = forward, optimize
     step.optimizer = opt
     return step, info
 
