@@ -36,8 +36,9 @@ from operator import attrgetter, is_
 import torch
 from torch import Tensor
 
-from . import fsdp, ops
+from . import fsdp
 from .linear import KeystoneLinear, find_owner, layout_epoch
+from .ops.dispatch import fused_adamw_scatter_unchecked
 from .ops.layout import FlatLayout, Target, build_flat_layout, host_scalars
 
 NONFINITE = ("raise", "skip")
@@ -58,6 +59,17 @@ def _refuse_dtensor(p: Tensor) -> None:
             "keystone tensor cannot be scattered into its frozen weight, so it would train nothing. Shard the model "
             "with keystone_kernels.fully_shard(model), which keeps keystone tensors whole on every rank, and build the "
             "optimizer from keystone_parameters(model) afterwards.")
+
+
+def _step_hyperparameters(group: dict) -> tuple[float, float, float]:
+    """``(beta1, beta2, eps)`` of a param group, checked at every step: a group added or edited after
+    construction never went through ``__init__``'s checks, and the fused op takes them unchecked."""
+    beta1, beta2 = group["betas"]
+    eps = group["eps"]
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0 and eps >= 0.0):
+        raise ValueError(f"param group with betas {tuple(group['betas'])} and eps {eps}: betas must be in [0, 1) and "
+                         "eps >= 0 (the step was not taken)")
+    return float(beta1), float(beta2), float(eps)
 
 
 def _check_trainable(params: Iterable[Tensor]) -> None:
@@ -369,6 +381,7 @@ class KeystoneAdamW(torch.optim.Optimizer):
             for b in buckets:  # no gradient anywhere: a step before any backward, or frozen tensors
                 _check_trainable(b.params)
             return loss
+        hyper = [_step_hyperparameters(b.group) for b in active]  # before anything changes
         for b in active:
             if b.sync is not None:
                 b.sync.reduce(b.grad)  # sharded model: one all-reduce of the flat gradient arena
@@ -376,12 +389,12 @@ class KeystoneAdamW(torch.optim.Optimizer):
         total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(
             torch.stack([n.to(norms[0].device) for n in norms]))
         if self.capturable:
-            self._step_on_device(active, total)
+            self._step_on_device(active, hyper, total)
         else:
-            self._step_from_host(active, total)
+            self._step_from_host(active, hyper, total)
         return loss
 
-    def _step_from_host(self, active: list[_Bucket], total: Tensor) -> None:
+    def _step_from_host(self, active: list[_Bucket], hyper: list[tuple[float, float, float]], total: Tensor) -> None:
         total_f = float(total)  # the one host sync of a step: the price of raising / skipping on NaN
         if total_f == 0.0:  # O(1) in steady state; a zero norm is what tensors frozen after the first step give
             for b in active:
@@ -401,18 +414,17 @@ class KeystoneAdamW(torch.optim.Optimizer):
         scale = 1.0
         if self.max_grad_norm is not None and total_f > self.max_grad_norm:
             scale = self.max_grad_norm / (total_f + 1e-6)  # torch.nn.utils.clip_grad_norm_'s formula
-        for b in active:
+        for b, (beta1, beta2, eps) in zip(active, hyper):
             g = b.group
-            beta1, beta2 = g["betas"]
             step = int(b.step) + 1  # a CPU tensor: no device sync
             scalars = host_scalars(float(g["lr"]), g["weight_decay"], step, beta1, beta2, g["maximize"], scale)
-            ops.fused_adamw_scatter(b.layout, b.master, b.grad, b.exp_avg, b.exp_avg_sq, b.max_exp_avg_sq,
-                                    scalars=scalars, beta1=beta1, beta2=beta2, eps=g["eps"], backend=self.backend)
+            fused_adamw_scatter_unchecked(b.layout, b.master, b.grad, b.exp_avg, b.exp_avg_sq, b.max_exp_avg_sq,
+                                          scalars=scalars, beta1=beta1, beta2=beta2, eps=eps, backend=self.backend)
             if b.sync is not None:
                 b.sync.scatter(b.master)
             b.step += 1  # only once the step went through
 
-    def _step_on_device(self, active: list[_Bucket], total: Tensor) -> None:
+    def _step_on_device(self, active: list[_Bucket], hyper: list[tuple[float, float, float]], total: Tensor) -> None:
         """Every decision as a device tensor: no .item(), float(), bool() or copy to the host."""
         bad = (~torch.isfinite(total)).float()
         if self._skipped_t is None:
@@ -422,9 +434,8 @@ class KeystoneAdamW(torch.optim.Optimizer):
         coef = torch.ones_like(total)
         if self.max_grad_norm is not None:
             coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
-        for b in active:
+        for b, (beta1, beta2, eps) in zip(active, hyper):
             g = b.group
-            beta1, beta2 = g["betas"]
             dev = b.step.device
             bad_b, coef_b = bad.to(dev), coef.to(dev)
             b.step += 1.0 - bad_b
@@ -438,7 +449,7 @@ class KeystoneAdamW(torch.optim.Optimizer):
             gscale = -coef_b if g["maximize"] else coef_b
             scalars = torch.stack([(1.0 - lr * g["weight_decay"]).float(), (lr / bc1).float(), bc2_sqrt.float(),
                                    gscale.float(), bad_b])
-            ops.fused_adamw_scatter(b.layout, b.master, b.grad, b.exp_avg, b.exp_avg_sq, b.max_exp_avg_sq,
-                                    scalars=scalars, beta1=beta1, beta2=beta2, eps=g["eps"], backend=self.backend)
+            fused_adamw_scatter_unchecked(b.layout, b.master, b.grad, b.exp_avg, b.exp_avg_sq, b.max_exp_avg_sq,
+                                          scalars=scalars, beta1=beta1, beta2=beta2, eps=eps, backend=self.backend)
             if b.sync is not None:
                 b.sync.scatter(b.master)  # a skipped step rewrites the unchanged values: harmless

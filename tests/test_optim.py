@@ -222,6 +222,27 @@ def test_bad_arguments(kwargs, message):
         KeystoneAdamW([p], **kwargs)
 
 
+@pytest.mark.parametrize("capturable", [False, True])
+@pytest.mark.parametrize("group_change", [dict(betas=(0.9, 1.0)), dict(betas=(-0.1, 0.999)), dict(eps=-1e-8)])
+def test_a_bad_group_set_after_construction_is_refused_at_step(capturable, group_change):
+    """The fused op takes betas / eps unchecked: a group edited (or added) after __init__ is checked at step,
+    and the refused step changes neither weights nor state."""
+    gen = torch.Generator().manual_seed(21)
+    mods, params, twins, opt, _ = _stepped_pair("reference", "cpu", gen, lr=1e-2, capturable=capturable)
+    _random_grads(params, twins, gen, "cpu")
+    opt.step()
+    _random_grads(params, twins, gen, "cpu")
+    before = [p.detach().clone() for p in params] + [m.frozen_weight.clone() for m in mods]
+    state = copy.deepcopy(opt.state_dict()["state"])
+    opt.param_groups[0].update(group_change)
+    with pytest.raises(ValueError, match=r"betas must be in \[0, 1\) and eps >= 0"):
+        opt.step()
+    after = [p.detach() for p in params] + [m.frozen_weight for m in mods]
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+    for k, s in opt.state_dict()["state"].items():
+        assert all(torch.equal(s[name], state[k][name]) for name in s)
+
+
 def test_non_fp32_parameters_and_sparse_grads_are_refused():
     with pytest.raises(ValueError, match="fp32 master tensors; got a torch.bfloat16"):
         KeystoneAdamW([torch.nn.Parameter(torch.randn(3, 3).bfloat16())])
@@ -340,8 +361,8 @@ def test_steady_state_step_has_no_per_tensor_host_work(monkeypatch):
     opt.step()
     lookups, calls = [], []
     monkeypatch.setattr(optim, "_scatter_target", lambda p: lookups.append(p))
-    real = optim.ops.fused_adamw_scatter
-    monkeypatch.setattr(optim.ops, "fused_adamw_scatter", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = optim.fused_adamw_scatter_unchecked
+    monkeypatch.setattr(optim, "fused_adamw_scatter_unchecked", lambda *a, **k: calls.append(1) or real(*a, **k))
     for _ in range(3):
         for p in params:  # in place, as backward accumulates into the views
             p.grad.add_(torch.randn(p.shape, generator=gen))

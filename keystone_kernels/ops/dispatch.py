@@ -347,6 +347,21 @@ def fused_adamw_scatter(
                              f"{layout.device}, got {scalars.dtype} {tuple(scalars.shape)} on {scalars.device}")
     elif len(scalars) != 4:
         raise ValueError("scalars must be (decay, step_size, bc2_sqrt, grad_scale) or a float32 [5] tensor")
+    fused_adamw_scatter_unchecked(layout, master, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars=scalars,
+                                  beta1=float(beta1), beta2=float(beta2), eps=float(eps), backend=backend)
+
+
+def fused_adamw_scatter_unchecked(layout: FlatLayout, master: Tensor, grad: Tensor, exp_avg: Tensor,
+                                  exp_avg_sq: Tensor, max_exp_avg_sq: Tensor | None, *,
+                                  scalars: tuple[float, float, float, float] | Tensor, beta1: float, beta2: float,
+                                  eps: float, backend: str | None = None) -> None:
+    """:func:`fused_adamw_scatter` without its argument checks (measured: 3.5-4 us of Python per call
+    on this project's 2-core CPU machine, of a 50-80 us step over 24 tiny tensors with ``ext``).
+
+    For a caller that allocated the arenas from ``layout`` itself and checked the hyperparameters
+    once: :class:`~keystone_kernels.optim.KeystoneAdamW`. Arenas of the wrong size or device are
+    out-of-bounds accesses here, not errors; everyone else calls :func:`fused_adamw_scatter`.
+    """
     _route(backend, layout.device).fused_adamw_scatter(
-        layout, master, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars, float(beta1), float(beta2), float(eps)
+        layout, master, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars, beta1, beta2, eps
     )
