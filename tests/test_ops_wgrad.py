@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import (
     INDEX_CASES,
+    complement,
     gpu,
     make_index,
     poisoned_allocations,
@@ -37,11 +38,17 @@ def _tol(T: int) -> dict:
     return dict(rtol=1e-5, atol=2e-6 * max(T, 1))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[gpu, requires_cuda])])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}x{}x{}".format(*s))
-@pytest.mark.parametrize("rows_kind,cols_kind", INDEX_CASES)
-def test_reference_matches_dense_float64(dtype, shape, rows_kind, cols_kind, rng):
-    grad_out, x, rows, cols = _inputs(shape, dtype, rows_kind, cols_kind, rng)
+@pytest.mark.parametrize("rows_kind,cols_kind", INDEX_CASES + [("complement", "random"), ("complement", "none")])
+def test_reference_matches_dense_float64(device, dtype, shape, rows_kind, cols_kind, rng):
+    """CPU: the upcast path. CUDA, bf16 / fp16: the tensor-core path (one GEMM with an fp32 result)."""
+    complement_rows = rows_kind == "complement"  # most rows: a column block's rows (the full-product branch)
+    grad_out, x, rows, cols = _inputs(shape, dtype, "random" if complement_rows else rows_kind, cols_kind, rng,
+                                      device)
+    if complement_rows:
+        rows = complement(rows.cpu(), shape[1]).to(device)
     dense = grad_out.double().t() @ x.double()  # the full dW, float64
     if rows is not None:
         dense = dense[rows]
@@ -51,6 +58,24 @@ def test_reference_matches_dense_float64(dtype, shape, rows_kind, cols_kind, rng
     assert got.dtype == torch.float32
     assert got.shape == dense.shape
     torch.testing.assert_close(got.double(), dense, **_tol(shape[0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rows_kind,cols_kind", [("none", "random"), ("one", "none"), ("random", "none"),
+                                                 ("complement", "random"), ("explicit_all", "none")])
+def test_reference_tensor_core_path_shapes_on_meta(dtype, rows_kind, cols_kind, rng):
+    """The CUDA path's torch.mm(out_dtype=float32) call checked on meta tensors (no GPU here): shapes, dtype."""
+    T, out, inp = 67, 37, 53
+    rows = make_index("random" if rows_kind == "complement" else rows_kind, out, rng)
+    if rows_kind == "complement":
+        rows = complement(rows, out)
+    cols = make_index(cols_kind, inp, rng)
+    grad_out = torch.empty(T, out, dtype=dtype, device="meta")
+    x = torch.empty(T, inp, dtype=dtype, device="meta")
+    meta = lambda t: None if t is None else t.to("meta")  # noqa: E731
+    got = reference.gather_wgrad(grad_out, x, meta(rows), meta(cols))
+    assert got.device.type == "meta" and got.dtype == torch.float32
+    assert tuple(got.shape) == (out if rows is None else len(rows), inp if cols is None else len(cols))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -107,7 +107,7 @@ def bench_wgrad(shape: Shape, fractions: Sequence[float], backends: Sequence[str
     """Gather weight gradients (what KeystoneLinear's backward runs) vs the dense dW GEMMs of one layer.
 
     Memory of each side: the peak its gradient outputs (and temporaries) allocate. Where Triton is
-    timed, :data:`WGRAD_MM` (index_select + torch.mm) is timed beside it.
+    timed, :data:`WGRAD_MM` (index_select + torch.mm) is timed beside it; on CUDA, the reference too.
     """
     case = WgradCase.build(shape, tokens, device, seed)
     dense = case.dense_fn()
@@ -119,6 +119,8 @@ def bench_wgrad(shape: Shape, fractions: Sequence[float], backends: Sequence[str
            "keystone": []}
     log(f"weight grad: {shape.name} layer 0, {tokens} tokens: dense {t.median * 1e3:.1f} ms")
     variants = list(backends) + ([WGRAD_MM] if "triton" in backends else [])
+    if torch.device(device).type == "cuda" and "reference" not in variants:
+        variants.append("reference")  # on CUDA one tensor-core GEMM with an fp32 result (ops/reference.py)
     for f in fractions:
         for backend in variants:
             fn, params, kflops = case.keystone_fn(f, backend, seed)

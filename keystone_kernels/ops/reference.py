@@ -19,12 +19,35 @@ def gather_wgrad(grad_out: Tensor, x: Tensor, rows: Tensor | None, cols: Tensor 
     """``dW[rows][:, cols] = grad_out[:, rows]^T @ x[:, cols]``, fp32.
 
     grad_out: [T, out], x: [T, in] (fp32 / bf16 / fp16, same dtype). Returns fp32 [n, m] with
-    n = len(rows) (or out) and m = len(cols) (or in). Inputs are gathered first and upcast to
-    fp32, so nothing of size [out, in] exists unless rows and cols are both None.
+    n = len(rows) (or out) and m = len(cols) (or in). Inputs are gathered first (and, off the
+    tensor-core path below, upcast to fp32), so nothing of size [out, in] exists unless cols is None
+    and rows holds at least half of out.
     """
-    g = grad_out if rows is None else grad_out.index_select(1, rows)
     xs = x if cols is None else x.index_select(1, cols)
+    if _MM_OUT_DTYPE and grad_out.dtype in (torch.bfloat16, torch.float16) and grad_out.device.type in ("cuda", "meta"):
+        return _tensor_core_wgrad(grad_out, xs, rows)
+    g = grad_out if rows is None else grad_out.index_select(1, rows)
     return torch.mm(g.t().float(), xs.float())
+
+
+# torch.mm(a, b, out_dtype=torch.float32) for half-precision inputs: CUDA (and meta) kernels only.
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
+def _tensor_core_wgrad(grad_out: Tensor, xs: Tensor, rows: Tensor | None) -> Tensor:
+    """CUDA, bf16 / fp16: one cuBLAS GEMM with fp32 accumulation and an fp32 result (``out_dtype``),
+    the contract above without fp32 copies of the inputs. The products of half-precision values are
+    exact in fp32, so only the summation order differs from the upcast path.
+
+    ``rows`` covering at least half of ``out`` (the complement rows of a column block) is cheaper
+    as the full ``[out, m]`` product then a row selection than as a ``[T, n]`` copy of ``grad_out``.
+    Not yet run on a GPU (meta tensors check its shapes on the CPU); ``bench --device cuda`` times it
+    as the ``reference`` weight-grad row.
+    """
+    if rows is None or 2 * rows.numel() >= grad_out.shape[1]:
+        full = torch.mm(grad_out.t(), xs, out_dtype=torch.float32)
+        return full if rows is None else full.index_select(0, rows)
+    return torch.mm(grad_out.index_select(1, rows).t(), xs, out_dtype=torch.float32)
 
 
 def scatter_to_frozen(weight: Tensor, src: Tensor, rows: Tensor | None, cols: Tensor | None) -> None:
