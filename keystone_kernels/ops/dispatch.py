@@ -244,8 +244,9 @@ def gather_wgrad(
 
     grad_out: [T, out] and x: [T, in], same dtype (float32, bfloat16 or float16), same device.
     rows: int64 [n] indices into out, or None for all; cols: int64 [m] into in, or None for all.
-    Returns float32 [n (or out), m (or in)], accumulated in fp32; zeros when T == 0. Nothing of
-    size [out, in] is allocated unless rows and cols are both None.
+    Returns float32 [n (or out), m (or in)], accumulated in fp32; zeros when T == 0. No backend
+    allocates an fp32 temporary larger than twice the result (so none of size [out, in] unless the
+    result is at least half of it).
     """
     _check_tensor("grad_out", grad_out, dim=2, dtypes=_FLOAT_DTYPES)
     _check_tensor("x", x, dim=2, dtypes=(grad_out.dtype,), device=grad_out.device)

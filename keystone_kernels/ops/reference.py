@@ -20,8 +20,8 @@ def gather_wgrad(grad_out: Tensor, x: Tensor, rows: Tensor | None, cols: Tensor 
 
     grad_out: [T, out], x: [T, in] (fp32 / bf16 / fp16, same dtype). Returns fp32 [n, m] with
     n = len(rows) (or out) and m = len(cols) (or in). Inputs are gathered first (and, off the
-    tensor-core path below, upcast to fp32), so nothing of size [out, in] exists unless cols is None
-    and rows holds at least half of out.
+    tensor-core path below, upcast to fp32); the tensor-core path's only fp32 temporary is at most
+    twice the result.
     """
     xs = x if cols is None else x.index_select(1, cols)
     if _MM_OUT_DTYPE and grad_out.dtype in (torch.bfloat16, torch.float16) and grad_out.device.type in ("cuda", "meta"):
