@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import bits
+from conftest import bits, gpu, require_backend, requires_cuda
 from tiny import tiny_model
 
 from keystone_kernels import KeystoneAdamW, KeystoneLinear, keystone_parameters, load_adapter, patch, save_adapter
@@ -329,6 +329,51 @@ def test_capturable_skips_nonfinite_steps_on_the_device(any_backend):
     assert all(torch.equal(bits(m.frozen_weight), bits(w)) for m, w in zip(mods, snap[1]))
     for k, v in opt.state_dict()["state"].items():
         assert all(torch.equal(bits(v[n]), bits(state[k][n])) for n in v)
+
+
+@gpu
+@requires_cuda
+@pytest.mark.parametrize("backend", ["triton", "ext"])
+def test_capturable_step_replays_in_a_cuda_graph(backend):
+    """The claim of capturable=True: step() captured once in a CUDA graph, then replayed with new
+    gradients, gives what eager capturable steps give, bit for bit, a skipped non-finite step included."""
+    require_backend(backend, "cuda")
+    gen = torch.Generator().manual_seed(22)
+    kw = dict(capturable=True, lr=torch.tensor(3e-3, device="cuda"), weight_decay=0.1, max_grad_norm=1.0)
+    graphed, params, _, opt, _ = _stepped_pair(backend, "cuda", torch.Generator().manual_seed(23), **kw)
+    eager, eparams, _, eopt, _ = _stepped_pair(backend, "cuda", torch.Generator().manual_seed(23), **kw)
+    grads = [[torch.randn(p.shape, generator=gen).cuda() for p in params] for _ in range(6)]
+    grads[4][1].view(-1)[0] = float("nan")  # the fifth replay is skipped on the device
+
+    def set_grads(ps, gs):
+        for p, g in zip(ps, gs):
+            if p.grad is None:  # before the first step
+                p.grad = g.clone()
+            else:  # in place: after the first step .grad is the optimizer's arena view
+                p.grad.copy_(g)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graphs advises
+        for o, ps in ((opt, params), (eopt, eparams)):
+            for _ in range(2):
+                set_grads(ps, grads[0])
+                o.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()  # the gradients are the arena views now: static memory the replays refill
+    for gs in grads[1:]:
+        set_grads(params, gs)
+        graph.replay()
+        set_grads(eparams, gs)
+        eopt.step()
+    torch.cuda.synchronize()
+    assert int(opt.skipped_steps_tensor) == int(eopt.skipped_steps_tensor) == 1
+    assert all(torch.equal(bits(p), bits(e)) for p, e in zip(params, eparams))
+    assert all(torch.equal(bits(m.frozen_weight), bits(e.frozen_weight)) for m, e in zip(graphed, eager))
+    for v, ev in zip(opt.state_dict()["state"].values(), eopt.state_dict()["state"].values()):
+        assert all(torch.equal(bits(v[n]), bits(ev[n])) for n in v)
 
 
 def test_capturable_refuses_nonfinite_raise():
