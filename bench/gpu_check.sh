@@ -14,7 +14,8 @@
 #   6. hotpath       bench/gpu_hotpath.py: host syncs, host vs GPU time and kernel launches per
 #                    KeystoneAdamW.step(), capturable=False against capturable=True
 #   7. profile       bench/gpu_trainprofile.py: where the Llama-3.2-1B 1 x 512 train step spends its time,
-#                    dense against keystone (forward / backward / optimizer, top kernels, top host ops)
+#                    dense against keystone, and keystone with its layers' weight grads on cuBLAS
+#                    (forward / backward / optimizer, top kernels, top host ops)
 #   8. pack          the logs into one tar, and the summary
 #
 # Results in $OUT (default ./out), 5 files: summary.txt (state and seconds of every step, test counts,
@@ -61,16 +62,17 @@ steps=(info build tests-triton tests-ext bench hotpath profile pack)
 # build's limit counts for that stretch; the Triton tests' limit must stay inside it. Measured on an
 # H200 with 16 cores (2026-11-27, three runs; the summary records the seconds each step took):
 #   info 15       torch import and CUDA init, nvidia-smi: 8-12 s
-#   build 100     two C++ files with ATen headers and three plain CUDA files under ninja: 21 s cold;
+#   build 95      two C++ files with ATen headers and three plain CUDA files under ninja: 21 s cold;
 #                 cached in TORCH_EXTENSIONS_DIR, a rerun takes 6 s
-#   triton 100    ~500 tests over 8 workers, mostly Triton JIT compiles: 65 s (85 s with 91 failures)
-#   ext 70        ~390 tests over 8 workers: 51-54 s
+#   triton 95     ~500 tests over 8 workers, mostly Triton JIT compiles: 65 s (85 s with 91 failures)
+#   ext 65        ~390 tests over 8 workers: 51-54 s
 #   bench 85      bandwidth, the 8B optimizer step and weight grad, the 1B train step (dense and
 #                 keystone, each in a fresh process): 68-75 s
 #   hotpath 25    a 4-layer model, 2 x ~70 steps and 2 profiles: 17-19 s
-#   profile 40    two 1B models, 7 + 2 profiled steps each (not measured yet; ~25 s expected)
+#   profile 55    three 1B train steps (dense, keystone, keystone@reference), 9 steps each, 2 profiled
+#                 (not measured yet; ~35 s expected)
 #   pack 5        a tar of ~120 KB: 0 s
-declare -A limit=([info]=15 [build]=100 [tests-triton]=100 [tests-ext]=70 [bench]=85 [hotpath]=25 [profile]=40
+declare -A limit=([info]=15 [build]=95 [tests-triton]=95 [tests-ext]=65 [bench]=85 [hotpath]=25 [profile]=55
                   [pack]=5)
 declare -A mode=([info]=sequential [build]=background [tests-triton]=concurrent [tests-ext]=sequential
                  [bench]=sequential [hotpath]=sequential [profile]=sequential [pack]=sequential)
@@ -81,7 +83,7 @@ declare -A what=(
   [tests-ext]="after waiting for the build: every other gpu test (the CUDA extension); skipped if the build failed"
   [bench]="Llama-3.1-8B optimizer step + weight grad at 0.1%, 1% (triton, ext) and a Llama-3.2-1B 1x512 train step; --backends triton if the build failed"
   [hotpath]="syncs, host vs GPU time and launches per KeystoneAdamW.step(), capturable=False / True"
-  [profile]="Llama-3.2-1B 1x512 train step, dense vs keystone: phases, top kernels, top host ops"
+  [profile]="Llama-3.2-1B 1x512 train step, dense vs keystone (Triton / cuBLAS weight grads): phases, top kernels, host ops"
   [pack]="tar the logs into \$OUT/gpu_check_logs.tar.gz, write \$OUT/summary.txt, copy the three JSONs"
 )
 
@@ -100,7 +102,7 @@ declare -A cmd=(
   [tests-ext]="$P -m pytest tests $pytest_args -k 'not triton' --junitxml=$L/junit-ext.xml >$L/pytest-ext.log 2>&1"
   [bench]="$P -m keystone_kernels bench $bench_args --backends triton,ext --out $L/bench >$L/bench.log 2>&1"
   [hotpath]="$P bench/gpu_hotpath.py --device cuda --out $L/gpu_hotpath.json >$L/hotpath.log 2>&1"
-  [profile]="$P bench/gpu_trainprofile.py --device cuda --shape llama-3.2-1b --batch 1 --seq 512 --out $L/trainprofile >$L/trainprofile.log 2>&1"
+  [profile]="$P bench/gpu_trainprofile.py --device cuda --shape llama-3.2-1b --batch 1 --seq 512 --sides dense,keystone,keystone@reference --out $L/trainprofile >$L/trainprofile.log 2>&1"
   [pack]="tar -czf $O/gpu_check_logs.tar.gz -C $L ."
 )
 declare -A log=([info]=info.txt [build]=build.log [tests-triton]=pytest-triton.log [tests-ext]=pytest-ext.log

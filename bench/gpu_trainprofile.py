@@ -12,12 +12,16 @@ autocast, torch AdamW(fused); keystone = bf16 model, ``patch``, KeystoneAdamW), 
 - a profile of two steps: kernel launches and device time per step, the kernels with the most device
   time and the operators with the most host (self CPU) time.
 
+``keystone@reference`` is the keystone side with its patched layers on the reference ops (on CUDA the
+weight gradient is one cuBLAS GEMM per block instead of a Triton kernel behind a custom op) and the
+optimizer on ``--backend``: whether the weight-gradient path is what slows the step.
+
 On a CPU only the host times and the operator table are measured (a smoke test for CI).
 
 Usage (from the repository root):
     python3 bench/gpu_trainprofile.py [--device cuda] [--shape llama-3.2-1b] [--batch 1] [--seq 512]
                                       [--layers N] [--fraction 0.001] [--backend auto] [--steps 5]
-                                      [--sides dense,keystone] [--out trainprofile]
+                                      [--sides dense,keystone,keystone@reference] [--out trainprofile]
 Writes OUT/trainprofile.json (every number) and OUT/trainprofile.txt (the tables), prints the text.
 Exit status 1 when a side failed (its error is in both files), else 0.
 """
@@ -124,15 +128,22 @@ def profile_steps(step, device: torch.device, steps: int = 2) -> dict:
     return out
 
 
-def probe_side(side: str, args) -> dict:
-    """Every measure of one side; an error is reported in the result, not raised."""
+def probe_side(name: str, args) -> dict:
+    """Every measure of one side; an error is reported in the result, not raised.
+
+    ``name``: ``dense``, ``keystone``, ``lora``, or ``keystone@BACKEND``: keystone with the patched
+    layers (their weight gradients) on BACKEND and the optimizer on ``--backend``.
+    """
+    side, _, linear_backend = name.partition("@")
     spec = TrainSpec(shape=args.shape, side=side, device=args.device, batch=args.batch, seq=args.seq,
-                     fraction=args.fraction, backend=args.backend, seed=0, layers=args.layers)
+                     fraction=args.fraction, backend=args.backend, seed=0, layers=args.layers,
+                     linear_backend=linear_backend or None)
     device = torch.device(args.device)
-    result: dict = {"side": side, "spec": asdict(spec)}
+    result: dict = {"side": name, "spec": asdict(spec)}
     try:
         step, info = build_train_step(spec)
-        result.update(optimizer=info.get("optimizer"), trainable=info.get("trainable"), backend=info.get("backend"))
+        result.update(optimizer=info.get("optimizer"), trainable=info.get("trainable"), backend=info.get("backend"),
+                      linear_backend=spec.linear_backend or info.get("backend"))
         for _ in range(args.warmup):  # allocates optimizer state, compiles Triton kernels
             step()
         result.update(time_phases(step, device, args.steps))
@@ -199,7 +210,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", help="keystone backend (default auto)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5, help="timed steps per side (default 5)")
-    p.add_argument("--sides", default="dense,keystone", help="comma-separated: dense, keystone, lora")
+    p.add_argument("--sides", default="dense,keystone",
+                   help="comma-separated: dense, keystone, lora, keystone@BACKEND (the patched layers on BACKEND)")
     p.add_argument("--out", default="trainprofile", help="folder for trainprofile.json / .txt (default ./trainprofile)")
     return p
 

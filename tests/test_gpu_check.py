@@ -123,7 +123,7 @@ def test_profile_step_parses_with_the_profile_cli(dry):
     spec.loader.exec_module(profile)
     args = profile.parser().parse_args(_args_of(dry["steps"]["profile"]["cmd"], "bench/gpu_trainprofile.py"))
     assert (args.device, args.shape, args.batch, args.seq) == ("cuda", "llama-3.2-1b", 1, 512)
-    assert args.out.endswith("trainprofile") and args.sides == "dense,keystone"
+    assert args.out.endswith("trainprofile") and args.sides == "dense,keystone,keystone@reference"
 
 
 @pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_full.sh"])

@@ -42,6 +42,18 @@ def test_profile_runs_on_cpu_and_reports_both_sides(trainprofile, tmp_path, caps
     assert "operators by host (self CPU) time" in text and text.strip() in capsys.readouterr().out
 
 
+def test_a_keystone_side_may_put_its_layers_on_another_backend(trainprofile, tmp_path):
+    out = tmp_path / "prof"
+    rc = trainprofile.main(["--device", "cpu", "--shape", "smollm2-135m", "--layers", "1", "--seq", "8",
+                            "--fraction", "0.01", "--backend", "reference", "--sides", "keystone@reference",
+                            "--warmup", "0", "--steps", "1", "--out", str(out)])
+    assert rc == 0
+    (side,) = json.loads((out / "trainprofile.json").read_text())["sides"]
+    assert side["side"] == "keystone@reference" and side["status"] == "ok"
+    assert side["spec"]["side"] == "keystone" and side["spec"]["linear_backend"] == "reference"
+    assert side["linear_backend"] == "reference"
+
+
 def test_a_failing_side_is_reported_and_sets_the_exit_status(trainprofile, tmp_path):
     out = tmp_path / "prof"
     rc = trainprofile.main(["--device", "cpu", "--shape", "smollm2-135m", "--layers", "1", "--seq", "8",

@@ -41,6 +41,7 @@ class TrainSpec:
     lora_r: int = 16
     liger: bool = False  # apply_liger_kernel_to_llama() before building the model (CUDA, Llama shapes)
     layers: int | None = None  # decoder layers to build (None: all of the shape's)
+    linear_backend: str | None = None  # keystone: the patched layers' backend (weight grads), if not ``backend``
 
 
 def _proc_status(field_name: str) -> int | None:
@@ -99,7 +100,7 @@ def build_train_step(spec: TrainSpec) -> tuple[Callable[[], None], dict]:
     elif spec.side == "keystone":
         model = build_model(shape, spec.layers, device=device, dtype=torch.bfloat16, seed=spec.seed)
         mask = synthetic_mask(model, spec.fraction, spec.seed)
-        patch(model, mask, frozen_dtype=torch.bfloat16, backend=spec.backend,
+        patch(model, mask, frozen_dtype=torch.bfloat16, backend=spec.linear_backend or spec.backend,
               other_dtype=torch.float32 if device.type == "cpu" else None)
         params = keystone_parameters(model)
         opt = KeystoneAdamW(params, lr=1e-5, weight_decay=0.01, backend=spec.backend)
