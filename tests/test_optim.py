@@ -288,6 +288,31 @@ def test_capturable_matches_torch_adamw(any_backend, amsgrad):
     assert torch.equal(m.frozen_weight[m.rows], m.weight_rows.detach().bfloat16())
 
 
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_capturable_and_default_steps_agree_to_the_last_bit(any_backend, maximize, tensor_lr):
+    """Without clipping, the device-side scalars (float64 on the device, rounded once) are the host's, and
+    every backend applies them as it applies host scalars."""
+    backend, device = any_backend
+    runs = []
+    for capturable in (False, True):
+        gen = torch.Generator().manual_seed(24)
+        lr = torch.tensor(2.0**-9, device=device) if tensor_lr and capturable else 2.0**-9  # exact in float32
+        mods, params, twins, opt, _ = _stepped_pair(backend, device, gen, capturable=capturable, lr=lr,
+                                                    weight_decay=0.1, maximize=maximize, betas=(0.8, 0.95))
+        for step in range(7):
+            _random_grads(params, twins, gen, device)
+            if step == 4:
+                opt.param_groups[0]["weight_decay"] = 0.05  # a changed hyperparameter reaches the device
+            opt.step()
+        runs.append((params, mods, opt))
+    (p0, m0, o0), (p1, m1, o1) = runs
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(p0, p1))
+    assert all(torch.equal(bits(a.frozen_weight), bits(b.frozen_weight)) for a, b in zip(m0, m1))
+    for s0, s1 in zip(o0.state_dict()["state"].values(), o1.state_dict()["state"].values()):
+        assert all(torch.equal(bits(s0[n].float().cpu()), bits(s1[n].float().cpu())) for n in s0)
+
+
 def test_capturable_step_reads_nothing_on_the_host(monkeypatch):
     """No .item() / float() / int() / bool() / .tolist() of a tensor inside step(): CUDA-graph safe."""
     gen = torch.Generator().manual_seed(13)

@@ -120,7 +120,7 @@ def _adamw_device_scalars(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: 
         v = torch.maximum(max_exp_avg_sq, new_v)
         max_exp_avg_sq.copy_(torch.where(keep, max_exp_avg_sq, v))
     denom = (v.sqrt() / bc2_sqrt).add_(eps)
-    new_p -= step_size * (new_m / denom)
+    new_p += (-step_size * new_m) / denom  # addcdiv_'s order on the host path: (value * m) / denom
     p.copy_(torch.where(keep, p, new_p))
     exp_avg.copy_(torch.where(keep, exp_avg, new_m))
     exp_avg_sq.copy_(torch.where(keep, exp_avg_sq, new_v))
