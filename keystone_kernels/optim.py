@@ -134,6 +134,26 @@ class _Bucket:
         self.master, self.grad = arenas["master"], arenas["grad"]
         self.exp_avg, self.exp_avg_sq = arenas["exp_avg"], arenas["exp_avg_sq"]
         self.max_exp_avg_sq = arenas.get("max_exp_avg_sq")
+        self._constants_key, self._constants = None, (None, None, None)
+
+    def device_constants(self, lr: float | Tensor, weight_decay: float) -> tuple[Tensor | None, Tensor | None, Tensor]:
+        """``(lr, decay, one)`` of a capturable step as device tensors: float64 ``lr`` and ``1 - lr * wd``
+        for a float lr (``None, None`` for a tensor lr, which the step reads itself), and a float32 1.
+
+        Filled on the device (no host-to-device copy, no sync) only when a value changed, so a steady
+        state step launches nothing for them.
+        """
+        key = (None if isinstance(lr, Tensor) else lr, weight_decay)
+        if key != self._constants_key:
+            dev = self.step.device
+            one = torch.ones((), dtype=torch.float32, device=dev)
+            if key[0] is None:
+                self._constants = (None, None, one)
+            else:  # 1 - lr * wd in Python doubles: the value the device ops gave before
+                self._constants = (torch.full((), lr, dtype=torch.float64, device=dev),
+                                   torch.full((), 1.0 - lr * weight_decay, dtype=torch.float64, device=dev), one)
+            self._constants_key = key
+        return self._constants
 
     def collect_grads(self) -> bool:
         """Make every ``p.grad`` its view of the gradient arena; False when no tensor has a gradient.
@@ -425,30 +445,39 @@ class KeystoneAdamW(torch.optim.Optimizer):
             b.step += 1  # only once the step went through
 
     def _step_on_device(self, active: list[_Bucket], hyper: list[tuple[float, float, float]], total: Tensor) -> None:
-        """Every decision as a device tensor: no .item(), float(), bool() or copy to the host."""
-        bad = (~torch.isfinite(total)).float()
+        """Every decision as a device tensor: no .item(), float(), bool() or copy to the host.
+
+        Each op below is a kernel launch on a GPU, so the constants live on the device between steps
+        (:meth:`_Bucket.device_constants`) and the five scalars are assembled with as few ops as the
+        rounding allows.
+        """
+        bad = torch.isnan(total - total).float()  # 1.0 for a NaN or infinite norm (inf - inf is NaN)
         if self._skipped_t is None:
             self._skipped_t = torch.zeros((), dtype=torch.float32, device=total.device)
         self._skipped_t += bad
         self._last_grad_norm = total
-        coef = torch.ones_like(total)
+        good = 1.0 - bad
+        coef = None
         if self.max_grad_norm is not None:
             coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
         for b, (beta1, beta2, eps) in zip(active, hyper):
             g = b.group
             dev = b.step.device
-            bad_b, coef_b = bad.to(dev), coef.to(dev)
-            b.step += 1.0 - bad_b
+            lr, decay, one = b.device_constants(g["lr"], g["weight_decay"])
+            if lr is None:  # a tensor lr (a scheduler may change it on the device): read every step
+                lr = g["lr"].to(dev, torch.float64)
+                decay = 1.0 - lr * g["weight_decay"]
+            b.step += good.to(dev)
             # In float64, like the host path (torch computes these in Python doubles), then rounded
-            # to fp32 by the stack: capturable and default steps agree to the last bit.
+            # once to fp32: capturable and default steps agree to the last bit.
             step = b.step.double().clamp(min=1.0)  # a skipped first step: keep the (unused) scalars finite
-            lr = g["lr"].to(dev, torch.float64) if isinstance(g["lr"], Tensor) else torch.full(
-                (), g["lr"], dtype=torch.float64, device=dev)
-            bc1 = 1.0 - torch.pow(beta1, step)
+            bc1 = 1.0 - torch.pow(beta1, step)  # a Python base: pow's scalar-exponent shortcuts never apply
             bc2_sqrt = torch.sqrt(1.0 - torch.pow(beta2, step))
-            gscale = -coef_b if g["maximize"] else coef_b
-            scalars = torch.stack([(1.0 - lr * g["weight_decay"]).float(), (lr / bc1).float(), bc2_sqrt.float(),
-                                   gscale.float(), bad_b])
+            gscale = one if coef is None else coef.to(dev)
+            if g["maximize"]:
+                gscale = -gscale
+            scalars = torch.cat([torch.stack([decay, lr / bc1, bc2_sqrt]).float(), gscale.reshape(1),
+                                 bad.to(dev).reshape(1)])
             fused_adamw_scatter_unchecked(b.layout, b.master, b.grad, b.exp_avg, b.exp_avg_sq, b.max_exp_avg_sq,
                                           scalars=scalars, beta1=beta1, beta2=beta2, eps=eps, backend=self.backend)
             if b.sync is not None:
