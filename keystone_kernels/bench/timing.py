@@ -104,14 +104,20 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _mem_total() -> int | None:
+def _proc_field_bytes(path: str, field: str) -> int | None:
+    """A ``Field:  N kB`` line of a Linux /proc file (``/proc/meminfo``, ``/proc/self/status``) in bytes;
+    None where the file or the field is missing."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def _mem_total() -> int | None:
+    return _proc_field_bytes("/proc/meminfo", "MemTotal")
 
 
 def machine_info(device: torch.device) -> dict:
@@ -199,10 +205,5 @@ def _peak(fn: Callable[[], object], device: torch.device) -> int:
 def _free_device_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 * _GIB
+    available = _proc_field_bytes("/proc/meminfo", "MemAvailable")
+    return 8 * _GIB if available is None else available

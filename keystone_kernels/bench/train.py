@@ -19,7 +19,7 @@ import torch
 
 from .cost import train_step_flops
 from .shapes import SHAPES, Shape, build_model, synthetic_mask
-from .timing import _GIB, loadavg, measure
+from .timing import _GIB, _proc_field_bytes, loadavg, measure
 
 _RESULT_TAG = "KEYSTONE_BENCH_RESULT "
 
@@ -45,13 +45,8 @@ class TrainSpec:
 
 
 def _proc_status(field_name: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    """``VmRSS`` / ``VmHWM`` of this process in bytes (Linux), else None."""
+    return _proc_field_bytes("/proc/self/status", field_name)
 
 
 def _reset_peak_rss() -> bool:
