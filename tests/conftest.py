@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
+from pathlib import Path
 
 import torch
 
@@ -27,6 +29,10 @@ KERNEL_BACKENDS = [
     pytest.param(("ext", "cuda"), id="ext-cuda", marks=[gpu, requires_cuda]),
     pytest.param(("triton", "cuda"), id="triton-cuda", marks=[gpu, requires_cuda]),
 ]
+
+
+# The torch.ops namespace of each kernel backend's registered ops (for opcheck).
+OPS = {"ext": torch.ops.keystone, "triton": torch.ops.keystone_triton}
 
 
 def require_backend(name: str, device: str) -> None:
@@ -151,3 +157,12 @@ def record_launch_devices(monkeypatch, module) -> list:
 
     monkeypatch.setattr(module, "on_device", recording)
     return seen
+
+
+def load_bench_script(name: str):
+    """Import ``bench/<name>.py`` (a script of the GPU check, not part of the package) as a module."""
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

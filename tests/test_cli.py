@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from tiny import tiny_model, tiny_tokenizer
+from tiny import tiny_model, tiny_tokenizer, write_sft_files
 
 from keystone_kernels.cli import main
 from keystone_kernels.sft import latest_checkpoint
@@ -19,12 +19,7 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    rows = [{"prompt": f"{a}+{b}=", "response": str(a + b), "answer": str(a + b)}
-            for a in range(3, 9) for b in range(2, 5)]
-    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
-    return folder
+    return write_sft_files(tmp_path_factory.mktemp("data"))
 
 
 def test_find_and_verify(tiny_dir, tmp_path, capsys):

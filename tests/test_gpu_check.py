@@ -5,7 +5,6 @@ and the commands it would run parse with the CLIs they call."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import re
 import shlex
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_bench_script
 
 from keystone_kernels import bench
 
@@ -110,17 +110,13 @@ def test_parse_train_steps_rejects_what_it_cannot_run():
 
 
 def test_hotpath_step_parses_with_the_probe_cli(dry):
-    spec = importlib.util.spec_from_file_location("gpu_hotpath", REPO / "bench" / "gpu_hotpath.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = load_bench_script("gpu_hotpath")
     args = probe.parser().parse_args(_args_of(dry["steps"]["hotpath"]["cmd"], "bench/gpu_hotpath.py"))
     assert args.device == "cuda" and args.out.endswith("gpu_hotpath.json")
 
 
 def test_profile_step_parses_with_the_profile_cli(dry):
-    spec = importlib.util.spec_from_file_location("gpu_trainprofile", REPO / "bench" / "gpu_trainprofile.py")
-    profile = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(profile)
+    profile = load_bench_script("gpu_trainprofile")
     args = profile.parser().parse_args(_args_of(dry["steps"]["profile"]["cmd"], "bench/gpu_trainprofile.py"))
     assert (args.device, args.shape, args.batch, args.seq) == ("cuda", "llama-3.2-1b", 1, 512)
     assert args.out.endswith("trainprofile") and args.sides == "dense,keystone,keystone@reference"

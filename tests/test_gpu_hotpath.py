@@ -4,24 +4,18 @@ on something a CPU could have caught."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_bench_script
 
 import keystone_kernels
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def probe():
-    spec = importlib.util.spec_from_file_location("gpu_hotpath", REPO / "bench" / "gpu_hotpath.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("gpu_hotpath")
 
 
 def run_probe(probe, tmp_path) -> tuple[int, dict]:

@@ -4,21 +4,15 @@ trip on something a CPU could have caught."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
+from conftest import load_bench_script
 
 
 @pytest.fixture(scope="module")
 def trainprofile():
-    spec = importlib.util.spec_from_file_location("gpu_trainprofile", REPO / "bench" / "gpu_trainprofile.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("gpu_trainprofile")
 
 
 def test_profile_runs_on_cpu_and_reports_both_sides(trainprofile, tmp_path, capsys):

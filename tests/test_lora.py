@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from tiny import tiny_model, tiny_tokenizer
+from tiny import tiny_model, tiny_tokenizer, write_sft_files
 
 from keystone_kernels import KeystoneAdamW, KeystoneMask, keystone_parameters, load_adapter, merge, patch, save_adapter
 from keystone_kernels.linear import KeystoneLinear
@@ -267,11 +267,7 @@ def tiny_dir(tmp_path_factory, tok):
     path = tmp_path_factory.mktemp("tiny_llama_lora")
     tiny_model("llama").save_pretrained(path)
     tok.save_pretrained(path)
-    rows = [{"prompt": f"{a}+{b}=", "response": str(a + b), "answer": str(a + b)}
-            for a in range(3, 9) for b in range(2, 5)]
-    (path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
-    return path
+    return write_sft_files(path)
 
 
 def test_cli_sft_lora_and_compare_with_lora(tiny_dir, tmp_path, capsys):

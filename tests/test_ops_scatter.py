@@ -5,7 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import INDEX_CASES, bits, gpu, make_index, poison, record_launch_devices, require_backend, requires_cuda
+from conftest import (
+    INDEX_CASES,
+    OPS,
+    bits,
+    gpu,
+    make_index,
+    poison,
+    record_launch_devices,
+    require_backend,
+    requires_cuda,
+)
 
 from keystone_kernels import ops
 from keystone_kernels.ops import reference
@@ -156,19 +166,19 @@ def test_index_check_is_remembered_until_the_index_changes():
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[gpu, requires_cuda])])
-def test_ext_opcheck(device):
-    require_backend("ext", device)
-    gen = torch.Generator().manual_seed(2)
+@pytest.mark.parametrize("backend", ["ext", "triton"])
+def test_opcheck(backend, device, rng):
+    """torch.library.opcheck of the registered in-place op (schema, mutation, fake tensor)."""
+    require_backend(backend, device)
+    op = OPS[backend].scatter_to_frozen.default
     for dtype in DTYPES:
-        w = torch.randn(11, 9, generator=gen).to(dtype).to(device)
+        w = torch.randn(11, 9, generator=rng).to(dtype).to(device)
         for rows, cols in [(torch.tensor([0, 4, 10]), torch.tensor([2, 3])), (None, torch.tensor([8])),
                            (torch.tensor([5]), None)]:
             rows = None if rows is None else rows.to(device)
             cols = None if cols is None else cols.to(device)
-            n = 11 if rows is None else len(rows)
-            m = 9 if cols is None else len(cols)
-            src = torch.randn(n, m, generator=gen).to(device)
-            torch.library.opcheck(torch.ops.keystone.scatter_to_frozen.default, (w, src, rows, cols))
+            src = torch.randn(11 if rows is None else len(rows), 9 if cols is None else len(cols), generator=rng)
+            torch.library.opcheck(op, (w, src.to(device), rows, cols))
 
 
 @pytest.mark.parametrize("backend", ["ext", "triton"])
@@ -188,19 +198,6 @@ def test_under_torch_compile_fullgraph(backend, rng):
     assert explanation.graph_break_count == 0, [str(r.reason)[:200] for r in explanation.break_reasons]
     torch.compile(step, backend="aot_eager", fullgraph=True)(w, src)
     assert torch.equal(bits(w), bits(expected))
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[gpu, requires_cuda])])
-def test_triton_opcheck(device, rng):
-    require_backend("triton", device)
-    for dtype in DTYPES:
-        w = torch.randn(11, 9, generator=rng).to(dtype).to(device)
-        for rows, cols in [(torch.tensor([0, 4, 10]), torch.tensor([2, 3])), (None, torch.tensor([8])),
-                           (torch.tensor([5]), None)]:
-            rows = None if rows is None else rows.to(device)
-            cols = None if cols is None else cols.to(device)
-            src = torch.randn(11 if rows is None else len(rows), 9 if cols is None else len(cols), generator=rng)
-            torch.library.opcheck(torch.ops.keystone_triton.scatter_to_frozen.default, (w, src.to(device), rows, cols))
 
 
 def test_triton_launches_under_the_weights_device(monkeypatch, rng):

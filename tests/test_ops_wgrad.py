@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import (
     INDEX_CASES,
+    OPS,
     complement,
     gpu,
     make_index,
@@ -295,19 +296,13 @@ def _opcheck_samples():
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[gpu, requires_cuda])])
-def test_ext_opcheck(device):
-    require_backend("ext", device)
+@pytest.mark.parametrize("backend", ["ext", "triton"])
+def test_opcheck(backend, device):
+    """torch.library.opcheck of the registered op (schema, fake tensor, autograd registration)."""
+    require_backend(backend, device)
+    op = OPS[backend].gather_wgrad.default
     for sample in _opcheck_samples():
-        sample = tuple(None if t is None else t.to(device) for t in sample)
-        torch.library.opcheck(torch.ops.keystone.gather_wgrad.default, sample)
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[gpu, requires_cuda])])
-def test_triton_opcheck(device):
-    require_backend("triton", device)
-    for sample in _opcheck_samples():
-        sample = tuple(None if t is None else t.to(device) for t in sample)
-        torch.library.opcheck(torch.ops.keystone_triton.gather_wgrad.default, sample)
+        torch.library.opcheck(op, tuple(None if t is None else t.to(device) for t in sample))
 
 
 @pytest.mark.parametrize("backend", ["ext", "triton"])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import transformers as tf
 
@@ -61,3 +64,13 @@ PROMPTS = {
     "b": ["def f(x): return x", "SELECT * FROM t;", "for i in range(3):"],
     "c": ["bonjour le monde", "hola"],
 }
+
+
+def write_sft_files(folder: Path) -> Path:
+    """``folder/train.jsonl`` (18 one-digit additions with prompt / response / answer) and
+    ``folder/eval.jsonl`` (its first 4): a tiny fine-tuning set for the CLI tests. Returns ``folder``."""
+    rows = [{"prompt": f"{a}+{b}=", "response": str(a + b), "answer": str(a + b)}
+            for a in range(3, 9) for b in range(2, 5)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    return folder
