@@ -3,9 +3,10 @@
 File format: safetensors. Tensors ``"<module path>.weight_rows" | ".weight_cols" | ".bias_rows"``
 (fp32, the shapes of :class:`KeystoneLinear`'s parameters); metadata ``format``, ``mask`` (the
 mask JSON), ``base_model`` (name or path), ``base_fingerprint`` (see
-:func:`patching.base_fingerprint`), ``frozen_dtype``, ``train_bias`` and ``checksum`` (SHA-256 of
-every tensor's name, dtype, shape and bytes, verified on load, so a flipped bit is an error, not a
-silently different model). Written atomically.
+:func:`patching.base_fingerprint`), ``frozen_dtype``, ``train_bias`` and ``checksum``: SHA-256 of
+every tensor's name, dtype, shape and bytes and of every other metadata field, verified on load, so
+a flipped bit or an edited digit of the mask is an error, not a silently different model
+(``keystone-adapter/2`` files covered the tensors only; they load with a warning). Written atomically.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from .mask import KeystoneMask
 from .patching import _patch_state, base_fingerprint, is_patched, keystone_modules, patch
 
 ADAPTER_NAME = "keystone_adapter.safetensors"  # the file name beside a merged model or in a Trainer checkpoint
-FORMAT = "keystone-adapter/2"
-_LEGACY_FORMATS = ("keystone-adapter/1",)  # before checksums: loaded with a warning
+FORMAT = "keystone-adapter/3"
+_TENSORS_ONLY_FORMAT = "keystone-adapter/2"  # its checksum covers the tensors, not the metadata: a warning
+_LEGACY_FORMATS = ("keystone-adapter/1", _TENSORS_ONLY_FORMAT)  # /1: no checksum at all, loaded with a warning
 _DTYPES = {str(d): d for d in (torch.bfloat16, torch.float16, torch.float32)}
 _REQUIRED = ("mask", "base_fingerprint", "base_model", "frozen_dtype", "train_bias")
 
@@ -37,6 +39,14 @@ def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
         t = tensors[name].detach().to("cpu").contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def adapter_checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """SHA-256 (hex) of the tensors (:func:`tensors_checksum`) and of every metadata field but ``checksum``."""
+    digest = hashlib.sha256(tensors_checksum(tensors).encode())
+    for key in sorted(k for k in metadata if k != "checksum"):
+        digest.update(f"|{key}={metadata[key]}".encode())
     return digest.hexdigest()
 
 
@@ -74,8 +84,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         "base_fingerprint": state.base_fingerprint,
         "frozen_dtype": str(state.frozen_dtype),
         "train_bias": str(train_bias),
-        "checksum": tensors_checksum(tensors),
     }
+    metadata["checksum"] = adapter_checksum(tensors, metadata)
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
 
@@ -100,10 +110,24 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     if missing:
         raise ValueError(f"{path}: the adapter's metadata lacks {', '.join(missing)}; the file was not written by "
                          "keystone_kernels.save_adapter or was edited. Save the adapter again from the trained model.")
+    if metadata["frozen_dtype"] not in _DTYPES:
+        raise ValueError(f"{path}: metadata frozen_dtype is {metadata['frozen_dtype']!r}; expected one of "
+                         f"{', '.join(_DTYPES)}")
+    try:
+        json.loads(metadata["mask"])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: the adapter's mask metadata is not valid JSON ({err})") from None
     if fmt == FORMAT:
+        if metadata.get("checksum") != adapter_checksum(tensors, metadata):
+            raise ValueError(f"{path}: the tensors or the metadata (mask, base fingerprint, dtype, format) do not "
+                             "match the adapter's checksum: the file is damaged or was edited. Use an intact copy or "
+                             "save the adapter again")
+    elif fmt == _TENSORS_ONLY_FORMAT:
         if metadata.get("checksum") != tensors_checksum(tensors):
             raise ValueError(f"{path}: the tensors do not match the adapter's checksum (the file is damaged or was "
                              "edited); use an intact copy or save the adapter again")
+        warnings.warn(f"{path} is a {fmt} adapter, whose checksum covers its tensors but not its mask and other "
+                      "metadata: an edit there cannot be detected; save it again to cover them", stacklevel=3)
     else:
         warnings.warn(f"{path} is a {fmt} adapter, written before adapters carried checksums: its values cannot be "
                       "verified; save it again to add one", stacklevel=3)
@@ -113,13 +137,6 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{path}: tensor {name!r} holds NaN or Inf values; the training that wrote it diverged. "
                              "Use an earlier checkpoint.")
-    if metadata["frozen_dtype"] not in _DTYPES:
-        raise ValueError(f"{path}: metadata frozen_dtype is {metadata['frozen_dtype']!r}; expected one of "
-                         f"{', '.join(_DTYPES)}")
-    try:
-        json.loads(metadata["mask"])
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: the adapter's mask metadata is not valid JSON ({err})") from None
     return tensors, metadata
 
 

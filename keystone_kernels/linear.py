@@ -15,6 +15,18 @@ Backward returns the full input gradient and only the keystone gradients, throug
 kernels of :mod:`keystone_kernels.ops`; no ``[out, in]`` gradient is ever allocated. It saves all
 of ``X`` only when the layer has keystone rows, ``X[:, C]`` when it has columns only, and nothing
 for the weight gradient when it has neither.
+
+**No update may miss the frozen weight** (docs/design.md, "Keeping the frozen weight in sync").
+Whoever changes a keystone tensor, the forward, ``merge`` and ``save_pretrained`` use the new value:
+
+- :class:`KeystoneAdamW` scatters every step's values itself (one fused op).
+- Any other ``torch.optim.Optimizer`` (SGD, torch's AdamW, Adafactor, bitsandbytes, the HF
+  Trainer's default): a global step hook re-scatters the layers whose tensors it stepped.
+- A direct edit (``p.copy_(x)``, ``p.data.copy_(x)``, ``p.data = x``, ``load_state_dict``): the
+  tensors are :class:`KeystoneParameter`, whose ``.data`` shares autograd's version counter, so
+  every edit bumps ``p._version``; an eager forward (and merge) compares the versions with those of
+  the last scatter and re-scatters when they differ. Not seen under ``torch.compile`` (call
+  :func:`~keystone_kernels.sync_frozen`), nor writes through a raw data pointer outside an optimizer.
 """
 
 from __future__ import annotations
@@ -46,6 +58,41 @@ def _bump_layout_epoch() -> None:
 # wrapper replaced the parameter object) from a plain parameter: see :func:`find_owner`.
 _live: weakref.WeakSet = weakref.WeakSet()
 _KEYSTONE_ATTRS = ("weight_rows", "weight_cols", "bias_rows")
+_KIND_ATTR = {"rows": "weight_rows", "cols": "weight_cols", "bias": "bias_rows"}
+_set_data = torch._C.TensorBase.data.__set__  # torch's own ``p.data = t``: no version bump, no epoch bump
+
+
+class KeystoneParameter(nn.Parameter):
+    """An fp32 keystone tensor of a :class:`KeystoneLinear`: an ``nn.Parameter`` whose every edit is visible.
+
+    torch's ``p.data`` is an alias with a version counter of its own, so ``p.data.copy_(x)`` would
+    change the values without ``p._version`` moving, and the layer could not tell that its frozen
+    weight is stale. Here ``p.data`` is ``p.detach()`` (the same memory and the same version
+    counter), and assigning ``p.data = x`` bumps the version and the layout epoch (an optimizer's
+    arena no longer holds the tensor). Everything else is ``nn.Parameter``.
+    """
+
+    @property
+    def data(self) -> Tensor:
+        return self.detach()
+
+    @data.setter
+    def data(self, value: Tensor) -> None:
+        _set_data(self, value)
+        torch.autograd.graph.increment_version(self)
+        _bump_layout_epoch()
+
+    def __repr__(self) -> str:
+        return "KeystoneParameter containing:\n" + repr(self.detach())
+
+
+def rebind_data(p: Tensor, storage: Tensor) -> None:
+    """Point ``p`` at ``storage`` (same shape, dtype and values) without marking it edited.
+
+    For an optimizer that moves keystone tensors into its own arenas: the values do not change, so
+    neither the version nor the layout epoch moves (``p.data = storage`` would bump both).
+    """
+    _set_data(p, storage)
 
 
 def find_owner(p: Tensor) -> tuple[KeystoneLinear, str] | None:
@@ -58,6 +105,102 @@ def find_owner(p: Tensor) -> tuple[KeystoneLinear, str] | None:
             if module._parameters.get(attr) is p:
                 return module, attr
     return None
+
+
+def owner_of(p: Tensor) -> tuple[KeystoneLinear, str] | None:
+    """``(module, kind)`` of the live KeystoneLinear whose keystone tensor ``p`` is, or None for a plain tensor.
+
+    kind is ``"rows"``, ``"cols"`` or ``"bias"``. Raises ValueError, saying what to do, where stepping
+    ``p`` would update nothing the model uses: its module was merged or freed, a wrapper replaced
+    the module's tensor after ``p`` was taken (``p`` is not its module's any more), or a wrapper
+    replaced the parameter object and it lost its tag (FSDP1, torch's ``fully_shard``).
+    """
+    owner_ref = getattr(p, "_keystone_owner", None)
+    if owner_ref is None:
+        found = find_owner(p) if _live else None
+        if found is not None:
+            raise ValueError(
+                f"the {found[1]} tensor of shape {tuple(p.shape)} of a KeystoneLinear has lost its keystone tag (a "
+                "wrapper such as FSDP1 or torch's fully_shard replaced the parameter object), so the optimizer cannot "
+                "find the frozen weight it must update. Wrap the patched model with DDP or "
+                "keystone_kernels.fully_shard, and build the optimizer from keystone_parameters(model) afterwards.")
+        return None
+    owner: KeystoneLinear | None = owner_ref()
+    if owner is None or owner.retired:
+        raise ValueError(
+            f"a keystone tensor of shape {tuple(p.shape)} belongs to a KeystoneLinear that was "
+            f"{'freed' if owner is None else 'merged'}: stepping it would update nothing the model uses. "
+            "Build a new optimizer over keystone_parameters(model) of the live patched model.")
+    kind = p._keystone_kind
+    if owner._parameters.get(_KIND_ATTR[kind]) is not p:
+        raise ValueError(
+            f"a keystone tensor of shape {tuple(p.shape)} is no longer its module's {_KIND_ATTR[kind]} (a wrapper "
+            "such as torch's fully_shard replaced it after the optimizer was built): stepping it would update "
+            "nothing the model uses. Shard with keystone_kernels.fully_shard(model) first, then build the optimizer "
+            "from keystone_parameters(model).")
+    return owner, kind
+
+
+# ---------------------------------------------------------------------------------------- any optimizer
+# torch.optim's global step hooks: after the step of any optimizer that does not scatter keystone
+# values itself, re-scatter the KeystoneLinear layers whose tensors it holds. The layers of an
+# optimizer are found once and cached until its param groups or the layout epoch change.
+_optimizer_layers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_hook_handles: list = []
+
+
+def _layers_of(optimizer: torch.optim.Optimizer) -> list[weakref.ref]:
+    """Weak references to the KeystoneLinear layers whose keystone tensors ``optimizer`` steps (validated)."""
+    groups = optimizer.param_groups
+    key = (layout_epoch(), tuple(id(g["params"]) for g in groups), tuple(len(g["params"]) for g in groups))
+    cached = _optimizer_layers.get(optimizer)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    layers: dict[int, weakref.ref] = {}
+    for g in groups:
+        for p in g["params"]:
+            found = owner_of(p)
+            if found is None:
+                continue
+            owner = found[0]
+            if getattr(owner, "_keystone_fsdp", None):
+                raise ValueError(
+                    f"{type(optimizer).__name__} steps keystone tensors of a model sharded by "
+                    "keystone_kernels.fully_shard: FSDP2 reduces none of their gradients there (they are ignored "
+                    "parameters), so every rank would train its own copy. Use keystone_kernels.KeystoneAdamW, which "
+                    "all-reduces them in one collective per step.")
+            layers[id(owner)] = weakref.ref(owner)
+    refs = list(layers.values())
+    _optimizer_layers[optimizer] = (key, refs)
+    return refs
+
+
+def _writes_frozen_weights(optimizer) -> bool:
+    return getattr(optimizer, "writes_frozen_weights", False)
+
+
+def _before_any_step(optimizer, args, kwargs) -> None:
+    """Refuse, before it changes anything, a step that would update tensors the model no longer uses."""
+    if _live and not _writes_frozen_weights(optimizer):
+        _layers_of(optimizer)
+
+
+def _after_any_step(optimizer, args, kwargs) -> None:
+    if not _live or _writes_frozen_weights(optimizer):
+        return
+    for ref in _layers_of(optimizer):
+        layer = ref()
+        if layer is not None:
+            layer.sync_frozen()
+
+
+def _install_optimizer_hooks() -> None:
+    """Register the global step hooks once (on the first KeystoneLinear, not at import)."""
+    if not _hook_handles:
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+        _hook_handles.append(register_optimizer_step_pre_hook(_before_any_step))
+        _hook_handles.append(register_optimizer_step_post_hook(_after_any_step))
 
 
 class _OwnerRef:
@@ -185,6 +328,9 @@ class KeystoneLinear(nn.Module):
         transposed: the module it replaces stored ``[in, out]`` (GPT-2 ``Conv1D``); used by merge.
     """
 
+    #: kind of keystone tensor -> the attribute that holds it (the layer's contract with optimizers and I/O)
+    KIND_ATTRS = _KIND_ATTR
+
     def __init__(self, weight: Tensor, bias: Tensor | None, rows: Tensor, cols: Tensor,
                  frozen_dtype: torch.dtype = torch.bfloat16, backend: str | None = None, train_bias: bool = True,
                  transposed: bool = False):
@@ -214,12 +360,14 @@ class KeystoneLinear(nn.Module):
         self.weight_cols = nn.Parameter(cols_src.index_select(1, cols).float()) if len(cols) else None
         self.bias_rows = (nn.Parameter(bias.detach().index_select(0, rows).float())
                           if bias is not None and train_bias and len(rows) else None)
+        self._synced_versions: tuple[int, ...] | None = None  # keystone tensors' versions at the last scatter
         self._tag_parameters()
         if not weight.is_meta:  # a meta weight has no values to sync (load them after to_empty)
             # A one-time copy with the reference ops: a layer is often built on the CPU and moved
             # after (``.to("cuda")``), where the chosen backend (Triton) cannot run yet.
             self.sync_frozen(backend="reference")
         self.register_load_state_dict_pre_hook(_base_keys_to_patched)
+        _install_optimizer_hooks()
 
     def _tag_parameters(self) -> None:
         """Tell each keystone tensor which module and which part (rows / cols / bias) it is.
@@ -233,14 +381,46 @@ class KeystoneLinear(nn.Module):
         weakref.finalize(self, _bump_layout_epoch)
 
     def _retag(self) -> None:
-        group = getattr(self, "_keystone_group", None)  # set by keystone_kernels.fully_shard
-        for attr, kind in (("weight_rows", "rows"), ("weight_cols", "cols"), ("bias_rows", "bias")):
-            p = getattr(self, attr)
+        for kind, attr in _KIND_ATTR.items():
+            p = self._parameters.get(attr)
             if p is not None:
-                p._keystone_owner = _OwnerRef(self)
-                p._keystone_kind = kind
-                if group is not None:
-                    p._keystone_replicated_group = group
+                self._tag(p, kind)
+
+    def _tag(self, p: nn.Parameter, kind: str) -> None:
+        if type(p) is nn.Parameter:  # in place, so that every reference to it sees edits counted
+            p.__class__ = KeystoneParameter
+        p._keystone_owner = _OwnerRef(self)
+        p._keystone_kind = kind
+        group = getattr(self, "_keystone_group", None)  # set by keystone_kernels.fully_shard
+        if group is not None:
+            p._keystone_replicated_group = group
+
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        """``nn.Module``'s, plus: a keystone tensor assigned later (``module.weight_rows = nn.Parameter(...)``,
+        ``load_state_dict(assign=True)``) is tagged and marks the frozen weight stale."""
+        super().register_parameter(name, param)
+        if name in _KEYSTONE_ATTRS and param is not None and "_synced_versions" in self.__dict__:
+            self._tag(param, next(k for k, a in _KIND_ATTR.items() if a == name))
+            self._synced_versions = None
+            _bump_layout_epoch()
+
+    def _keystone_versions(self) -> tuple[int, ...]:
+        """The autograd versions of the keystone tensors: any in-place edit of one changes this."""
+        params = self._parameters
+        return tuple(-1 if p is None else p._version for p in map(params.get, _KEYSTONE_ATTRS))
+
+    def refresh(self) -> bool:
+        """Re-scatter the keystone values when a tensor was edited since the last scatter; True when it did.
+
+        The eager forward calls this (a few hundred nanoseconds), and so do merge and save. A layer sharded
+        by :func:`~keystone_kernels.fully_shard` is left to the optimizer and :meth:`sync_frozen`.
+        """
+        if self._synced_versions == self._keystone_versions() or self.frozen_weight.is_meta:
+            return False
+        if getattr(self, "_keystone_fsdp", None):
+            return False
+        self.sync_frozen()
+        return True
 
     def _apply(self, fn, recurse=True):
         was_meta = self.rows.is_meta
@@ -274,6 +454,10 @@ class KeystoneLinear(nn.Module):
     def bias(self) -> Tensor | None:
         return self.frozen_bias
 
+    def keystone_indices(self) -> tuple[Tensor, Tensor]:
+        """``(rows, cols)``: the keystone row and column indices (int64, CPU), as given to the constructor."""
+        return self._host_index
+
     def keystone_parameters(self) -> list[nn.Parameter]:
         return [p for p in (self.weight_rows, self.weight_cols, self.bias_rows) if p is not None]
 
@@ -285,14 +469,16 @@ class KeystoneLinear(nn.Module):
         if getattr(self, "_keystone_fsdp", None):  # sharded by keystone_kernels.fully_shard: this rank's rows
             from .fsdp import sync_frozen_local
 
-            return sync_frozen_local(self)
-        if self.weight_rows is not None:
-            ops.scatter_to_frozen(self.frozen_weight, self.weight_rows.detach(), self.rows, None, backend=backend)
-        if self.weight_cols is not None:
-            ops.scatter_to_frozen(self.frozen_weight, self.weight_cols.detach(), self.col_rows, self.cols,
-                                  backend=backend)
-        if self.bias_rows is not None:
-            self.frozen_bias.index_copy_(0, self.rows, self.bias_rows.detach().to(self.frozen_bias.dtype))
+            sync_frozen_local(self)
+        else:
+            if self.weight_rows is not None:
+                ops.scatter_to_frozen(self.frozen_weight, self.weight_rows.detach(), self.rows, None, backend=backend)
+            if self.weight_cols is not None:
+                ops.scatter_to_frozen(self.frozen_weight, self.weight_cols.detach(), self.col_rows, self.cols,
+                                      backend=backend)
+            if self.bias_rows is not None:
+                self.frozen_bias.index_copy_(0, self.rows, self.bias_rows.detach().to(self.frozen_bias.dtype))
+        self._synced_versions = self._keystone_versions()
 
     @torch.no_grad()
     def merged_weight(self, dtype: torch.dtype | None = None, masters: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -303,6 +489,7 @@ class KeystoneLinear(nn.Module):
         patched one's outputs. ``masters=True`` writes the fp32 keystone values instead (more
         precise than what was trained through, when ``dtype`` is wider than ``frozen_dtype``).
         """
+        self.refresh()  # an edit no forward has seen yet
         dtype = dtype or self.frozen_weight.dtype
         weight = self.frozen_weight.to(dtype, copy=True)
         if not masters:
@@ -324,6 +511,8 @@ class KeystoneLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: ``[..., in]`` (fp32 / bf16 / fp16) -> ``[..., out]`` in x's dtype."""
+        if not torch.compiler.is_compiling():  # a compiled graph cannot branch on versions: sync_frozen there
+            self.refresh()
         return _KeystoneLinearFunction.apply(
             x, self.weight_rows, self.weight_cols, self.bias_rows, self.frozen_weight, self.frozen_bias,
             self.rows, self.col_rows, self.cols, self.backend,

@@ -23,6 +23,13 @@ caught until then: one tensor of many frozen after the first step.
 
 Parameters that do not belong to a KeystoneLinear (for instance norms a user chose to train) live
 in the same arenas and get the same update; nothing is scattered for them.
+
+torch.optim's rules where users rely on them: a tensor whose ``.grad`` is None at ``step()`` is not
+stepped (no moment update, no step count), and a step after ``zero_grad()`` with no backward in
+between changes nothing. Tensors with different step counts live in different buckets (one fused op
+each). ``state_dict()`` records each tensor's keystone rows and columns, and ``load_state_dict``
+refuses, naming the field, a state of another mask or one that cannot be trusted (missing keys,
+wrong types, non-finite values, negative second moments).
 """
 
 from __future__ import annotations
@@ -37,14 +44,16 @@ import torch
 from torch import Tensor
 
 from . import fsdp
-from .linear import KeystoneLinear, find_owner, layout_epoch
+from .linear import KeystoneLinear, layout_epoch, owner_of, rebind_data
 from .ops.dispatch import fused_adamw_scatter_unchecked
 from .ops.layout import FlatLayout, Target, build_flat_layout, host_scalars
 
 NONFINITE = ("raise", "skip")
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")
+_LAYOUT_KEY = "keystone_layout"  # state_dict(): what each tensor is (kind, shape, its layer's rows and columns)
 _grad_of = attrgetter("grad")
-_KIND_ATTR = {"rows": "weight_rows", "cols": "weight_cols", "bias": "bias_rows"}
+_KIND_ATTR = KeystoneLinear.KIND_ATTRS
 
 
 def _is_dtensor(t: Tensor) -> bool:
@@ -61,15 +70,25 @@ def _refuse_dtensor(p: Tensor) -> None:
             "optimizer from keystone_parameters(model) afterwards.")
 
 
-def _step_hyperparameters(group: dict) -> tuple[float, float, float]:
-    """``(beta1, beta2, eps)`` of a param group, checked at every step: a group added or edited after
-    construction never went through ``__init__``'s checks, and the fused op takes them unchecked."""
+def _step_hyperparameters(group: dict, read_tensor_lr: bool) -> tuple[float, float, float, float | None]:
+    """``(beta1, beta2, eps, lr)`` of a param group, checked at every step: a group added or edited after
+    construction never went through ``__init__``'s checks, and the fused op takes them unchecked.
+
+    ``lr`` is None for a tensor lr unless ``read_tensor_lr`` (reading it syncs; a capturable step may not).
+    """
     beta1, beta2 = group["betas"]
-    eps = group["eps"]
-    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0 and eps >= 0.0):
+    eps, wd, lr = group["eps"], group["weight_decay"], group["lr"]
+    if isinstance(lr, Tensor):
+        lr = float(lr) if read_tensor_lr else None
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0 and 0.0 <= eps < math.inf):
         raise ValueError(f"param group with betas {tuple(group['betas'])} and eps {eps}: betas must be in [0, 1) and "
-                         "eps >= 0 (the step was not taken)")
-    return float(beta1), float(beta2), float(eps)
+                         "eps >= 0 (the step was not taken: weights and optimizer state unchanged)")
+    for name, value in (("lr", lr), ("weight_decay", wd)):
+        if value is not None and not 0.0 <= value < math.inf:
+            raise ValueError(f"param group with {name} {value}: {name} must be finite and >= 0 (set after "
+                             "construction, or by a scheduler?); the step was not taken: weights and optimizer state "
+                             "unchanged")
+    return float(beta1), float(beta2), float(eps), (None if lr is None else float(lr))
 
 
 def _check_trainable(params: Iterable[Tensor]) -> None:
@@ -92,29 +111,10 @@ def _check_trainable(params: Iterable[Tensor]) -> None:
 def _scatter_target(p: Tensor) -> tuple[tuple[int, int], Target | None]:
     """(2-D shape of p in its arena, where its values go in the frozen weight or None)."""
     _refuse_dtensor(p)
-    owner_ref = getattr(p, "_keystone_owner", None)
-    if owner_ref is None:
-        found = find_owner(p)
-        if found is not None:
-            raise ValueError(
-                f"the {found[1]} tensor of shape {tuple(p.shape)} of a KeystoneLinear has lost its keystone tag (a "
-                "wrapper such as FSDP1 or torch's fully_shard replaced the parameter object), so KeystoneAdamW cannot "
-                "find the frozen weight it must update. Wrap the patched model with DDP or "
-                "keystone_kernels.fully_shard, and build the optimizer from keystone_parameters(model) afterwards.")
+    found = owner_of(p)  # raises for a tensor whose layer was merged / freed / replaced it
+    if found is None:
         return (1, p.numel()), None
-    owner: KeystoneLinear | None = owner_ref()
-    if owner is None or owner.retired:
-        raise ValueError(
-            f"a keystone tensor of shape {tuple(p.shape)} belongs to a KeystoneLinear that was "
-            f"{'freed' if owner is None else 'merged'}: stepping it would update nothing the model uses. "
-            "Build a new KeystoneAdamW over keystone_parameters(model) of the live patched model.")
-    kind = p._keystone_kind
-    if getattr(owner, _KIND_ATTR[kind]) is not p:
-        raise ValueError(
-            f"a keystone tensor of shape {tuple(p.shape)} is no longer its module's {_KIND_ATTR[kind]} (a wrapper such "
-            "as torch's fully_shard replaced it after the optimizer was built): stepping it would update nothing the "
-            "model uses. Shard with keystone_kernels.fully_shard(model) first, then build KeystoneAdamW from "
-            "keystone_parameters(model).")
+    owner, kind = found
     if getattr(owner, "_keystone_fsdp", None):
         return tuple(p.shape) if kind != "bias" else (p.numel(), 1), None  # FSDP2: the bucket's ReplicaSync scatters
     if kind == "rows":
@@ -122,6 +122,109 @@ def _scatter_target(p: Tensor) -> tuple[tuple[int, int], Target | None]:
     if kind == "cols":
         return tuple(p.shape), Target(owner.frozen_weight, owner.col_rows, owner.cols)
     return (p.numel(), 1), Target(owner.frozen_bias.view(-1, 1), owner.rows, None)
+
+
+def _describe(p: Tensor) -> dict:
+    """What tensor ``p`` is, for ``state_dict()``: its kind and shape, and its layer's rows and columns."""
+    owner = getattr(p, "_keystone_owner", lambda: None)()
+    if owner is None:
+        return {"kind": "plain", "shape": list(p.shape)}
+    rows, cols = owner.keystone_indices()
+    return {"kind": p._keystone_kind, "shape": list(p.shape), "layer": [owner.out_features, owner.in_features],
+            "rows": rows.clone(), "cols": cols.clone()}
+
+
+def _name(k: int, p: Tensor) -> str:
+    kind = getattr(p, "_keystone_kind", None)
+    what = f"{_KIND_ATTR[kind]} of shape {tuple(p.shape)}" if kind else f"shape {tuple(p.shape)}"
+    return f"tensor {k} ({what})"
+
+
+def _indices_text(t) -> str:
+    values = t.tolist() if isinstance(t, Tensor) else list(t)
+    return str(values) if len(values) <= 12 else f"{values[:12]}... ({len(values)} in all)"
+
+
+def _check_saved_layout(params: list[Tensor], saved: object) -> None:
+    """Refuse a saved layout (``state_dict()[_LAYOUT_KEY]``) that describes other tensors than ``params``."""
+    if not isinstance(saved, list) or len(saved) != len(params):
+        raise ValueError(f"the optimizer state's {_LAYOUT_KEY!r} field is not a list of {len(params)} tensor "
+                         "descriptions; the file is damaged or was not written by KeystoneAdamW.state_dict()")
+    for k, (p, old) in enumerate(zip(params, saved)):
+        new = _describe(p)
+        if not isinstance(old, dict):
+            raise ValueError(f"the optimizer state's {_LAYOUT_KEY!r} entry {k} is {old!r}, not a tensor description; "
+                             "the file is damaged or was not written by KeystoneAdamW.state_dict()")
+        for field, here, there in (("shape", tuple(new["shape"]), tuple(old.get("shape", ()))),
+                                   ("kind", new["kind"], old.get("kind"))):
+            if here != there:
+                raise ValueError(f"the optimizer state does not fit: tensor {k} has {field} {here} here, {there} in "
+                                 "the saved state; it was saved for another mask or model. Load it into an optimizer "
+                                 "over keystone_parameters(model) of the same patched model.")
+        for field in ("layer", "rows", "cols"):
+            if field not in new:
+                continue
+            here, there = new[field], old.get(field)
+            same = (torch.equal(here, there) if isinstance(here, Tensor) and isinstance(there, Tensor)
+                    else list(here) == list(there or ()))
+            if not same:
+                raise ValueError(
+                    f"the optimizer state does not fit: the layer of {_name(k, p)} has keystone {field} "
+                    f"{_indices_text(here)} here, {_indices_text(there if there is not None else [])} in the saved "
+                    "state, so its moments would drive other weights. It was saved with another mask: load it into a "
+                    "model patched with the mask of that run.")
+
+
+def _check_saved_tensor_state(where: str, entry: object, shape: tuple, amsgrad: bool) -> None:
+    """Refuse one tensor's saved AdamW state that cannot be trusted, naming the field."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: the saved state is a {type(entry).__name__}, not a dict of 'step', 'exp_avg' "
+                         "and 'exp_avg_sq'")
+    need = ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+    missing = [name for name in need if name not in entry]
+    if missing:
+        raise ValueError(f"{where}: the saved state lacks {', '.join(map(repr, missing))} (has "
+                         f"{sorted(map(str, entry))}); the file is damaged or was written by another optimizer")
+    step = entry["step"]
+    if isinstance(step, Tensor):
+        step = float(step) if step.numel() == 1 and not step.is_complex() else None
+    if not isinstance(step, (int, float)) or isinstance(step, bool) or not (0 <= step < math.inf) \
+            or not float(step).is_integer():
+        raise ValueError(f"{where}: field 'step' is {entry['step']!r}; it must be a whole number >= 0")
+    for name in need[1:]:
+        value = entry[name]
+        if not isinstance(value, Tensor) or not value.is_floating_point():
+            raise ValueError(f"{where}: field {name!r} is {type(value).__name__}"
+                             f"{'' if not isinstance(value, Tensor) else ' of ' + str(value.dtype)}, not a float "
+                             "tensor")
+        if tuple(value.shape) != shape:
+            raise ValueError(
+                f"the optimizer state does not fit: {where} has shape {shape} here, {tuple(value.shape)} in the saved "
+                f"state's {name}; it was saved for another mask or model. Load it into an optimizer over "
+                "keystone_parameters(model) of the same patched model.")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{where}: field {name!r} holds NaN or Inf values; the run that saved it diverged. Use an "
+                             "earlier checkpoint.")
+        if name in _SECOND_MOMENTS and bool((value < 0).any()):
+            raise ValueError(f"{where}: field {name!r} holds negative values (min {float(value.min()):.3g}); a second "
+                             "moment is never negative, so the file is damaged")
+
+
+def _check_saved_group(i: int, group: object) -> None:
+    if not isinstance(group, dict) or not isinstance(group.get("params"), list):
+        raise ValueError(f"the optimizer state's param group {i} is not a dict with a 'params' list")
+    lr, betas = group.get("lr", 0.0), group.get("betas", (0.0, 0.0))
+    lr = float(lr) if isinstance(lr, Tensor) and lr.numel() == 1 else lr
+    checks = {"lr": isinstance(lr, (int, float)) and 0 <= lr < math.inf,
+              "betas": isinstance(betas, (tuple, list)) and len(betas) == 2
+              and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)}
+    for name in ("eps", "weight_decay"):
+        value = group.get(name, 0.0)
+        checks[name] = isinstance(value, (int, float)) and 0 <= value < math.inf
+    bad = [name for name, ok in checks.items() if not ok]
+    if bad:
+        raise ValueError(f"the optimizer state's param group {i} has an invalid {bad[0]} ({group.get(bad[0])!r}); "
+                         "lr, eps and weight_decay must be finite and >= 0, betas two numbers in [0, 1)")
 
 
 class _Bucket:
@@ -135,6 +238,7 @@ class _Bucket:
         self.exp_avg, self.exp_avg_sq = arenas["exp_avg"], arenas["exp_avg_sq"]
         self.max_exp_avg_sq = arenas.get("max_exp_avg_sq")
         self._constants_key, self._constants = None, (None, None, None)
+        self.zeroed_version: int | None = None  # the gradient arena's autograd version right after zero_grad()
 
     def device_constants(self, lr: float | Tensor, weight_decay: float) -> tuple[Tensor | None, Tensor | None, Tensor]:
         """``(lr, decay, one)`` of a capturable step as device tensors: float64 ``lr`` and ``1 - lr * wd``
@@ -155,30 +259,28 @@ class _Bucket:
             self._constants_key = key
         return self._constants
 
-    def collect_grads(self) -> bool:
-        """Make every ``p.grad`` its view of the gradient arena; False when no tensor has a gradient.
+    def collect_grads(self) -> bool | list[bool]:
+        """Make every ``p.grad`` its view of the gradient arena. True: every tensor has a gradient;
+        False: none has; else one flag per tensor (some grads are None: those are not stepped).
 
         The fast path is one identity scan in C (``map``), no Python per tensor: backward accumulates
-        into the views in place. A gradient that was replaced (``p.grad = g``, or ``model.zero_grad()``
-        then backward) is copied in; a missing one counts as zero, as in DDP's bucket views.
+        into the views in place, which moves the arena's version counter, so an arena whose version is
+        still the one ``zero_grad()`` left has received no gradient (a step without backward). A
+        gradient that was replaced (``p.grad = g``, or ``model.zero_grad()`` then backward) is copied
+        in; a tensor whose grad is None is not stepped, as in torch.optim.
         """
         if all(map(is_, map(_grad_of, self.params), self.grad_views)):
-            return True
-        found = False
+            return self.grad._version != self.zeroed_version
+        has = []
         for p, view in zip(self.params, self.grad_views):
             g = p.grad
-            if g is view:
-                found = True
-                continue
-            if g is None:
-                view.zero_()
-            else:
+            if g is not None and g is not view:
                 if g.is_sparse:
                     raise ValueError("KeystoneAdamW does not support sparse gradients")
                 view.copy_(g.view(view.shape))
-                found = True
-            p.grad = view
-        return found
+                p.grad = view
+            has.append(g is not None)
+        return True if all(has) else (False if not any(has) else has)
 
     def check(self) -> None:
         """KEYSTONE_CHECK_LAYOUT=1: every parameter still a view of the arena and trainable, every target in place."""
@@ -195,7 +297,7 @@ class _Bucket:
 
 
 class KeystoneAdamW(torch.optim.Optimizer):
-    """AdamW (decoupled weight decay, torch's math) over flat arenas, one fused op per group and device.
+    """AdamW (decoupled weight decay, torch's math) over flat arenas, one fused op per group, device and step count.
 
     Args:
         params: ``keystone_parameters(model)`` or param groups (dicts with ``"params"`` and their own
@@ -214,10 +316,15 @@ class KeystoneAdamW(torch.optim.Optimizer):
         backend: op backend ("auto", "reference", "triton", "ext", or None for $KEYSTONE_BACKEND).
 
     Gradients live in a flat buffer too: ``p.grad`` is a view that backward accumulates into, and
-    ``zero_grad()`` zeroes the buffer instead of setting grads to None. A tensor that received no
-    gradient in a step with others counts as gradient zero (its moments decay, weight decay
-    applies), as under DDP's ``gradient_as_bucket_view``; torch.optim.AdamW would skip it.
+    ``zero_grad()`` zeroes the buffer instead of setting grads to None (so that backward never
+    allocates). A ``step()`` with no backward since ``zero_grad()`` changes nothing, and a tensor
+    whose ``.grad`` is None is not stepped, as in torch.optim. One difference remains: after this
+    optimizer's ``zero_grad()``, a tensor that no backward reached while others were reached reads
+    as a zero gradient and is stepped (its moments decay, weight decay applies), as under DDP's
+    ``gradient_as_bucket_view``; ``model.zero_grad()`` (grads set to None) gives torch's rule there.
     """
+
+    writes_frozen_weights = True  # the step scatters into the frozen weights: keystone_kernels' step hooks skip it
 
     def __init__(
         self,
@@ -279,25 +386,45 @@ class KeystoneAdamW(torch.optim.Optimizer):
         super().add_param_group(param_group)
         self._buckets = None  # the new tensors need a place in the arenas
 
+    def state_dict(self) -> dict:
+        """torch's ``{"state", "param_groups"}`` plus ``"keystone_layout"``: each tensor's kind, shape and its
+        layer's keystone rows and columns, so that a state of another mask is refused at load."""
+        out = super().state_dict()
+        out[_LAYOUT_KEY] = [_describe(p) for g in self.param_groups for p in g["params"]]
+        return out
+
     def load_state_dict(self, state_dict: dict) -> None:
-        self._check_state_fits(state_dict)
-        super().load_state_dict(state_dict)
+        """torch's, after :meth:`_check_state` (nothing changes when it raises)."""
+        self._check_state(state_dict)
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != _LAYOUT_KEY})
         self._buckets = None  # the loaded state is copied into fresh arenas on the next step
 
-    def _check_state_fits(self, state_dict: dict) -> None:
-        """Refuse, before anything changes, a state saved for tensors of other shapes (another mask)."""
-        saved_groups = state_dict.get("param_groups", [])
+    def _check_state(self, state_dict: dict) -> None:
+        """Refuse, before anything changes and naming the field, a state that cannot be trusted: saved for
+        other tensors (another mask: rows and columns are compared, not only shapes), with missing keys,
+        wrong types, non-finite values or negative second moments, or invalid hyperparameters."""
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), list) \
+                or not isinstance(state_dict.get("state"), dict):
+            raise ValueError("not an optimizer state dict: expected a dict with a 'state' dict and a 'param_groups' "
+                             f"list, got {type(state_dict).__name__} with keys "
+                             f"{sorted(map(str, state_dict)) if isinstance(state_dict, dict) else '-'}")
+        saved_groups = state_dict["param_groups"]
+        for i, group in enumerate(saved_groups):
+            _check_saved_group(i, group)
         params = [p for g in self.param_groups for p in g["params"]]
-        ids = [i for g in saved_groups for i in g.get("params", [])]
-        if len(ids) != len(params):
+        if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in self.param_groups]:
             return  # torch's own check names this case
-        for k, (p, i) in enumerate(zip(params, ids)):
-            for name, value in state_dict.get("state", {}).get(i, {}).items():
-                if name in _STATE_KEYS and isinstance(value, Tensor) and tuple(value.shape) != tuple(p.shape):
-                    raise ValueError(
-                        f"the optimizer state does not fit: tensor {k} has shape {tuple(p.shape)} here, "
-                        f"{tuple(value.shape)} in the saved state's {name}; it was saved for another mask or model. "
-                        "Load it into an optimizer over keystone_parameters(model) of the same patched model.")
+        if _LAYOUT_KEY in state_dict:
+            _check_saved_layout(params, state_dict[_LAYOUT_KEY])
+        state = state_dict["state"]
+        k = 0
+        for group in saved_groups:
+            for i in group["params"]:
+                if i in state:
+                    p = params[k]
+                    _check_saved_tensor_state(f"the saved state of {_name(k, p)}", state[i], tuple(p.shape),
+                                              bool(group.get("amsgrad", False)))
+                k += 1
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradient buffers (the grads stay views of them; see the class docstring)."""
@@ -308,6 +435,7 @@ class KeystoneAdamW(torch.optim.Optimizer):
             if not all(map(is_, map(_grad_of, b.params), b.grad_views)):
                 for p, view in zip(b.params, b.grad_views):
                     p.grad = view
+            b.zeroed_version = b.grad._version  # a step before the next backward sees it unchanged and skips
 
     @property
     def last_grad_norm(self) -> float | Tensor | None:
@@ -329,7 +457,7 @@ class KeystoneAdamW(torch.optim.Optimizer):
     def _layout(self) -> list[_Bucket]:
         epoch = layout_epoch()
         if self._buckets is None or epoch != self._epoch:
-            self._buckets = [b for group in self.param_groups for b in self._build_group(group)]
+            self._buckets = [b for group in self.param_groups for b in self._build_buckets(group, group["params"])]
             self._epoch = epoch
         elif os.environ.get("KEYSTONE_CHECK_LAYOUT", "0") not in ("", "0"):
             for b in self._buckets:
@@ -337,27 +465,27 @@ class KeystoneAdamW(torch.optim.Optimizer):
         return self._buckets
 
     @torch.no_grad()
-    def _build_group(self, group: dict) -> list[_Bucket]:
-        """Move a group's tensors, grads and state into fresh arenas (per device); validate targets once."""
-        by_device: dict[torch.device, list[Tensor]] = {}
-        _check_trainable(group["params"])
-        for p in group["params"]:
+    def _build_buckets(self, group: dict, params: list[Tensor]) -> list[_Bucket]:
+        """Move tensors of ``group``, with their grads and state, into fresh arenas, one bucket per (device,
+        step count); validate targets once."""
+        by_key: dict[tuple[torch.device, float], list[Tensor]] = {}
+        _check_trainable(params)
+        for p in params:
             if p.dtype != torch.float32:
                 raise ValueError(f"KeystoneAdamW steps fp32 master tensors; a parameter of shape {tuple(p.shape)} "
                                  f"is now {p.dtype} (was the model cast with .half() / .to(dtype)?)")
-            by_device.setdefault(p.device, []).append(p)
+            state = self.state[p]
+            by_key.setdefault((p.device, float(state["step"]) if state else 0.0), []).append(p)
         buckets = []
-        for device, params in by_device.items():
+        for (device, step_count), params in by_key.items():
             shapes, targets = zip(*[_scatter_target(p) for p in params])
             layout = build_flat_layout(list(shapes), list(targets), device)
             amsgrad = group["amsgrad"]
             names = ["master", "grad", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
             arenas = {name: torch.zeros(layout.numel, dtype=torch.float32, device=device) for name in names}
-            steps, grad_views = set(), []
+            grad_views = []
             for k, p in enumerate(params):
                 state = self.state[p]
-                if state:
-                    steps.add(float(state["step"]))
                 for name in ("master", "grad") + _STATE_KEYS:
                     if name not in arenas:
                         continue
@@ -368,19 +496,15 @@ class KeystoneAdamW(torch.optim.Optimizer):
                     if source is not None:
                         view.copy_(source.view(p.shape))
                     if name == "master":
-                        p.data = view
+                        rebind_data(p, view)  # same values: not an edit the layer must re-scatter
                     elif name == "grad":
                         grad_views.append(view)
                         if source is not None:  # a missing grad stays None: a step before any backward skips
                             p.grad = view
                     else:
                         state[name] = view
-            if len(steps) > 1:
-                raise ValueError(f"the tensors of one param group have different step counts {sorted(steps)}; "
-                                 "KeystoneAdamW keeps one count per group: put tensors that were stepped a different "
-                                 "number of times in separate param groups")
             step_device = device if self.capturable else "cpu"
-            step = torch.tensor(steps.pop() if steps else 0.0, dtype=torch.float32, device=step_device)
+            step = torch.tensor(step_count, dtype=torch.float32, device=step_device)
             for p in params:
                 self.state[p]["step"] = step  # one tensor per group, shared: torch's key, O(1) to advance
             sync = fsdp.bucket_sync(params, layout, self.backend)
@@ -396,12 +520,17 @@ class KeystoneAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         buckets = self._layout()
-        active = [b for b in buckets if b.collect_grads()]
+        active = []
+        for b, has in [(b, b.collect_grads()) for b in buckets]:
+            if has is True:
+                active.append(b)
+            elif has is not False:  # some grads are None: those tensors move to a bucket of their own
+                active.append(self._split(b, has))
         if not active:
             for b in buckets:  # no gradient anywhere: a step before any backward, or frozen tensors
                 _check_trainable(b.params)
             return loss
-        hyper = [_step_hyperparameters(b.group) for b in active]  # before anything changes
+        hyper = [_step_hyperparameters(b.group, not self.capturable) for b in active]  # before anything changes
         for b in active:
             if b.sync is not None:
                 b.sync.reduce(b.grad)  # sharded model: one all-reduce of the flat gradient arena
@@ -414,7 +543,22 @@ class KeystoneAdamW(torch.optim.Optimizer):
             self._step_from_host(active, hyper, total)
         return loss
 
-    def _step_from_host(self, active: list[_Bucket], hyper: list[tuple[float, float, float]], total: Tensor) -> None:
+    def _split(self, b: _Bucket, has: list[bool]) -> _Bucket:
+        """Replace bucket ``b`` by one of its tensors with a gradient (returned) and one of those without.
+
+        Their step counts differ from now on, so they stay apart; O(tensors) once, on the rare step where
+        some grads are None and others are not.
+        """
+        i = self._buckets.index(b)
+        with_grad = [p for p, h in zip(b.params, has) if h]
+        without = [p for p, h in zip(b.params, has) if not h]
+        new = self._build_buckets(b.group, with_grad) + self._build_buckets(b.group, without)
+        self._buckets[i:i + 1] = new
+        self._epoch = layout_epoch()
+        return new[0]
+
+    def _step_from_host(self, active: list[_Bucket], hyper: list[tuple[float, float, float, float]],
+                        total: Tensor) -> None:
         total_f = float(total)  # the one host sync of a step: the price of raising / skipping on NaN
         if total_f == 0.0:  # O(1) in steady state; a zero norm is what tensors frozen after the first step give
             for b in active:
@@ -430,21 +574,27 @@ class KeystoneAdamW(torch.optim.Optimizer):
                             f"non-finite gradient (NaN or Inf) in keystone tensor {k} of shape "
                             f"{tuple(b.params[k].shape)}; the step was not taken (weights and optimizer state "
                             "unchanged). Pass nonfinite='skip' to skip such steps instead.")
+            raise ValueError(
+                f"the global gradient norm is {total_f} although every gradient is finite: their norm overflows "
+                "float32 (gradients above ~1e19), so clipping and the update would be meaningless. The step was not "
+                "taken (weights and optimizer state unchanged). Lower the learning rate or the loss scale, or pass "
+                "nonfinite='skip' to skip such steps.")
         self._last_grad_norm = total_f
         scale = 1.0
         if self.max_grad_norm is not None and total_f > self.max_grad_norm:
             scale = self.max_grad_norm / (total_f + 1e-6)  # torch.nn.utils.clip_grad_norm_'s formula
-        for b, (beta1, beta2, eps) in zip(active, hyper):
+        for b, (beta1, beta2, eps, lr) in zip(active, hyper):
             g = b.group
             step = int(b.step) + 1  # a CPU tensor: no device sync
-            scalars = host_scalars(float(g["lr"]), g["weight_decay"], step, beta1, beta2, g["maximize"], scale)
+            scalars = host_scalars(lr, g["weight_decay"], step, beta1, beta2, g["maximize"], scale)
             fused_adamw_scatter_unchecked(b.layout, b.master, b.grad, b.exp_avg, b.exp_avg_sq, b.max_exp_avg_sq,
                                           scalars=scalars, beta1=beta1, beta2=beta2, eps=eps, backend=self.backend)
             if b.sync is not None:
                 b.sync.scatter(b.master)
             b.step += 1  # only once the step went through
 
-    def _step_on_device(self, active: list[_Bucket], hyper: list[tuple[float, float, float]], total: Tensor) -> None:
+    def _step_on_device(self, active: list[_Bucket], hyper: list[tuple[float, float, float, float | None]],
+                        total: Tensor) -> None:
         """Every decision as a device tensor: no .item(), float(), bool() or copy to the host.
 
         Each op below is a kernel launch on a GPU, so the constants live on the device between steps
@@ -460,7 +610,7 @@ class KeystoneAdamW(torch.optim.Optimizer):
         coef = None
         if self.max_grad_norm is not None:
             coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
-        for b, (beta1, beta2, eps) in zip(active, hyper):
+        for b, (beta1, beta2, eps, _) in zip(active, hyper):
             g = b.group
             dev = b.step.device
             lr, decay, one = b.device_constants(g["lr"], g["weight_decay"])

@@ -70,7 +70,9 @@ def test_untagged_or_replaced_keystone_tensors_are_refused():
     model = patch(tiny_model("llama"), MASK, backend="reference")
     q = model.model.layers[0].self_attn.q_proj
     old = q.weight_rows
-    q.weight_rows = torch.nn.Parameter(old.detach().clone())  # what a wrapper replacing parameters does
+    # what a wrapper replacing parameters does (FSDP1 and torch's fully_shard write _parameters directly;
+    # a plain `q.weight_rows = Parameter(...)` goes through register_parameter, which tags the new tensor)
+    q._parameters["weight_rows"] = torch.nn.Parameter(old.detach().clone())
     with pytest.raises(ValueError, match="lost its keystone tag .* build the optimizer from keystone_parameters"):
         KeystoneAdamW([q.weight_rows]).step()
     q.weight_rows.grad = torch.ones_like(q.weight_rows)

@@ -57,13 +57,13 @@ def _metadata(path) -> dict:
 
 
 def test_nan_values_are_refused(adapter):
-    from keystone_kernels.adapter import tensors_checksum
+    from keystone_kernels.adapter import adapter_checksum
 
     tensors = load_file(adapter)
     name = sorted(tensors)[0]
     tensors[name][0] = float("nan")
     meta = _metadata(adapter)
-    meta["checksum"] = tensors_checksum(tensors)  # a consistent file whose values are NaN
+    meta["checksum"] = adapter_checksum(tensors, meta)  # a consistent file whose values are NaN
     save_file(tensors, adapter, metadata=meta)
     with pytest.raises(ValueError, match=f"tensor '{name}' holds NaN or Inf"):
         load_adapter(tiny_model("llama"), adapter, backend="reference")
@@ -104,6 +104,112 @@ def test_optimizer_state_of_another_mask_is_refused_at_load():
     after = opt2.state_dict()
     for k, v in before["state"].items():
         assert all(torch.equal(v[n], after["state"][k][n]) for n in v)
+
+
+def _same_state(before: dict, opt) -> bool:
+    after = opt.state_dict()["state"]
+    return all(torch.equal(v[n], after[k][n]) for k, v in before["state"].items() for n in v)
+
+
+def test_optimizer_state_of_another_mask_of_the_same_shapes_is_refused_at_load():
+    """Rows 2, 6, 18 instead of 1, 5, 17: every shape agrees, the moments would drive other rows."""
+    mask_a = KeystoneMask({("attn_q", 0, None): [1, 5, 17], ("attn_o", 1, None): [3]})
+    mask_b = KeystoneMask({("attn_q", 0, None): [2, 6, 18], ("attn_o", 1, None): [3]})
+    _, opt_a = _trained(mask=mask_a)
+    _, opt_b = _trained(mask=mask_b)
+    before = copy.deepcopy(opt_b.state_dict())
+    with pytest.raises(ValueError, match=r"tensor 0 \(weight_rows of shape \(3, 48\)\) has keystone rows "
+                                         r"\[2, 6, 18\] here, \[1, 5, 17\] in the saved state"):
+        opt_b.load_state_dict(opt_a.state_dict())
+    assert _same_state(before, opt_b)
+
+
+def _corrupt(state_dict: dict, how: str) -> dict:
+    sd = copy.deepcopy(state_dict)
+    entry = sd["state"][0]
+    if how == "exp_avg a string":
+        entry["exp_avg"] = "oops"
+    elif how == "step missing":
+        del entry["step"]
+    elif how == "step NaN":
+        entry["step"] = torch.tensor(float("nan"))
+    elif how == "exp_avg_sq negative":
+        entry["exp_avg_sq"] = entry["exp_avg_sq"] - 1.0
+    elif how == "exp_avg_sq NaN":
+        entry["exp_avg_sq"][0, 0] = float("nan")
+    elif how == "exp_avg Inf":
+        entry["exp_avg"][0, 0] = float("inf")
+    elif how == "lr NaN":
+        sd["param_groups"][0]["lr"] = float("nan")
+    elif how == "a list":
+        return [sd]
+    elif how == "layout damaged":
+        sd["keystone_layout"] = sd["keystone_layout"][:1]
+    return sd
+
+
+@pytest.mark.parametrize("how,message", [
+    ("exp_avg a string", "tensor 0 .*: field 'exp_avg' is str, not a float tensor"),
+    ("step missing", "tensor 0 .*: the saved state lacks 'step'"),
+    ("step NaN", "tensor 0 .*: field 'step' is tensor\\(nan\\); it must be a whole number >= 0"),
+    ("exp_avg_sq negative", "tensor 0 .*: field 'exp_avg_sq' holds negative values"),
+    ("exp_avg_sq NaN", "tensor 0 .*: field 'exp_avg_sq' holds NaN or Inf"),
+    ("exp_avg Inf", "tensor 0 .*: field 'exp_avg' holds NaN or Inf"),
+    ("lr NaN", "param group 0 has an invalid lr \\(nan\\)"),
+    ("a list", "not an optimizer state dict"),
+    ("layout damaged", "'keystone_layout' field is not a list of 3 tensor descriptions"),
+])
+def test_an_optimizer_state_that_cannot_be_trusted_is_refused_at_load(how, message):
+    model, opt = _trained(steps=2)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(_corrupt(opt.state_dict(), how))
+    assert _same_state(before, opt)
+    ids = torch.randint(3, 250, (2, 7), generator=torch.Generator().manual_seed(9))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()  # the optimizer still works, untouched
+    assert all(bool(torch.isfinite(p).all()) for p in keystone_parameters(model))
+
+
+def test_an_optimizer_state_saved_before_layouts_were_recorded_still_loads():
+    _, opt = _trained(steps=2)
+    legacy = {k: v for k, v in opt.state_dict().items() if k != "keystone_layout"}
+    _, fresh = _trained(steps=1)
+    fresh.load_state_dict(legacy)
+    assert int(fresh.state_dict()["state"][0]["step"]) == 2
+
+
+def test_an_edited_digit_of_the_adapter_mask_is_refused(adapter):
+    """q_proj rows [1, 7] -> [1, 6]: valid JSON and valid shapes, so only the checksum can tell."""
+    meta = _metadata(adapter)
+    assert '"0": [1, 7]' in meta["mask"]
+    meta["mask"] = meta["mask"].replace('"0": [1, 7]', '"0": [1, 6]')
+    save_file(load_file(adapter), adapter, metadata=meta)
+    with pytest.raises(ValueError, match="metadata .* do not match the adapter's checksum"):
+        load_adapter(tiny_model("llama"), adapter, backend="reference")
+
+
+@pytest.mark.parametrize("field,value", [("base_fingerprint", "0123456789abcdef"), ("frozen_dtype", "torch.float16"),
+                                         ("train_bias", "True"), ("base_model", "another")])
+def test_every_metadata_field_is_covered_by_the_checksum(adapter, field, value):
+    meta = _metadata(adapter)
+    assert meta[field] != value
+    meta[field] = value
+    save_file(load_file(adapter), adapter, metadata=meta)
+    with pytest.raises(ValueError, match="do not match the adapter's checksum"):
+        load_adapter(tiny_model("llama"), adapter, backend="reference")
+
+
+def test_a_version_2_adapter_loads_with_a_warning(adapter):
+    from keystone_kernels.adapter import tensors_checksum
+
+    tensors = load_file(adapter)
+    meta = _metadata(adapter)
+    meta["format"], meta["checksum"] = "keystone-adapter/2", tensors_checksum(tensors)
+    save_file(tensors, adapter, metadata=meta)
+    with pytest.warns(UserWarning, match="covers its tensors but not its mask"):
+        model = load_adapter(tiny_model("llama"), adapter, backend="reference")
+    assert all(torch.equal(p.detach(), tensors[n]) for n, p in model.named_parameters() if n in tensors)
 
 
 def test_a_patched_model_pickles_and_trains_after_unpickling(tmp_path):

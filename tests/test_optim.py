@@ -1,6 +1,7 @@
 """KeystoneAdamW against torch.optim.AdamW, scatter into the frozen weights, resume, clipping, NaN handling."""
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -93,7 +94,7 @@ def test_empty_group_and_params_without_grad_are_fine(any_backend):
     # state is made for every tensor at the first step (the flat arenas); a group with no gradient
     # at all is not stepped, as torch.optim.AdamW skips tensors whose grad is None
     assert [int(opt.state[p]["step"]) for p in params] == [1] + [0] * (len(params) - 1)
-    assert all(not bool(p.grad.any()) for p in params[1:])  # now zero views of the gradient arena
+    assert all(p.grad is None for p in params[1:])  # as torch.optim leaves them
 
 
 def test_clipping_matches_clip_grad_norm_then_adamw():
@@ -223,8 +224,16 @@ def test_bad_arguments(kwargs, message):
 
 
 @pytest.mark.parametrize("capturable", [False, True])
-@pytest.mark.parametrize("group_change", [dict(betas=(0.9, 1.0)), dict(betas=(-0.1, 0.999)), dict(eps=-1e-8)])
-def test_a_bad_group_set_after_construction_is_refused_at_step(capturable, group_change):
+@pytest.mark.parametrize("group_change,message", [
+    (dict(betas=(0.9, 1.0)), r"betas must be in \[0, 1\) and eps >= 0"),
+    (dict(betas=(-0.1, 0.999)), r"betas must be in \[0, 1\) and eps >= 0"),
+    (dict(eps=-1e-8), r"betas must be in \[0, 1\) and eps >= 0"),
+    (dict(lr=float("nan")), "lr nan: lr must be finite and >= 0"),
+    (dict(lr=-1e-3), "lr -0.001: lr must be finite and >= 0"),
+    (dict(lr=float("inf")), "lr inf: lr must be finite"),
+    (dict(weight_decay=-0.1), "weight_decay -0.1: weight_decay must be finite and >= 0"),
+])
+def test_a_bad_group_set_after_construction_is_refused_at_step(capturable, group_change, message):
     """The fused op takes betas / eps unchecked: a group edited (or added) after __init__ is checked at step,
     and the refused step changes neither weights nor state."""
     gen = torch.Generator().manual_seed(21)
@@ -235,7 +244,7 @@ def test_a_bad_group_set_after_construction_is_refused_at_step(capturable, group
     before = [p.detach().clone() for p in params] + [m.frozen_weight.clone() for m in mods]
     state = copy.deepcopy(opt.state_dict()["state"])
     opt.param_groups[0].update(group_change)
-    with pytest.raises(ValueError, match=r"betas must be in \[0, 1\) and eps >= 0"):
+    with pytest.raises(ValueError, match=message):
         opt.step()
     after = [p.detach() for p in params] + [m.frozen_weight for m in mods]
     assert all(torch.equal(x, y) for x, y in zip(before, after))
@@ -261,7 +270,8 @@ def _stepped_pair(backend, device, gen, *, capturable=False, **kw):
     params = [p for m in mods for p in m.keystone_parameters()]
     twins = [p.detach().clone().requires_grad_(True) for p in params]
     opt = KeystoneAdamW(params, backend=backend, capturable=capturable, **kw)
-    ref = torch.optim.AdamW(twins, foreach=False, **{k: v for k, v in kw.items() if k != "max_grad_norm"})
+    torch_kw = {k: v for k, v in kw.items() if k not in ("max_grad_norm", "nonfinite")}
+    ref = torch.optim.AdamW(twins, foreach=False, **torch_kw)
     return mods, params, twins, opt, ref
 
 
@@ -500,3 +510,129 @@ def test_backward_accumulates_into_the_gradient_arena():
     assert all(p.grad is v for p, v in zip(params, views))
     for p, w in zip(params, want):
         torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------- torch.optim's rules
+def _assert_same_as_torch(opt, ref, params, twins):
+    for p, t in zip(params, twins):
+        assert _rel(p.detach().cpu(), t.detach().cpu()) <= 1e-6
+        if ref.state.get(t):
+            assert int(opt.state[p]["step"]) == int(ref.state[t]["step"])
+            assert _rel(opt.state[p]["exp_avg"].cpu(), ref.state[t]["exp_avg"].cpu()) <= 1e-6
+        else:  # torch has no state for a tensor it never stepped; ours is an untouched zero state
+            assert int(opt.state[p]["step"]) == 0 and not bool(opt.state[p]["exp_avg"].any())
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+def test_a_step_after_zero_grad_without_backward_changes_nothing(any_backend, capturable):
+    """zero_grad(set_to_none=True) then step(): torch's AdamW steps nothing (no grad); neither do we."""
+    backend, device = any_backend
+    gc.collect()  # a KeystoneLinear of an earlier test freed mid-test would rebuild the layout (grads dropped)
+    gen = torch.Generator().manual_seed(31)
+    mods, params, twins, opt, ref = _stepped_pair(backend, device, gen, lr=1e-2, capturable=capturable)
+    _random_grads(params, twins, gen, device)
+    opt.step()
+    ref.step()
+    for o in (opt, ref):
+        o.zero_grad(set_to_none=True)
+    frozen = [m.frozen_weight.clone() for m in mods]
+    state = copy.deepcopy(opt.state_dict()["state"])
+    opt.step()
+    ref.step()
+    _assert_same_as_torch(opt, ref, params, twins)
+    assert all(torch.equal(m.frozen_weight, w) for m, w in zip(mods, frozen))
+    for k, v in opt.state_dict()["state"].items():
+        assert all(torch.equal(v[name], state[k][name]) for name in v)
+    for _ in range(2):  # and training goes on as torch's does
+        opt.zero_grad(set_to_none=True)
+        for p, t in zip(params, twins):  # in place into the zeroed views, as backward accumulates
+            g = torch.randn(p.shape, generator=gen)
+            if p.grad is None:  # zero_grad after a layout change (any KeystoneLinear freed) drops the views
+                p.grad = g.to(device)
+            else:
+                p.grad.add_(g.to(device))
+            t.grad = g.clone().to(device)
+        opt.step()
+        ref.step()
+        _assert_same_as_torch(opt, ref, params, twins)
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+def test_tensors_whose_grad_is_none_are_not_stepped_as_in_torch(any_backend, capturable):
+    """A pattern of None grads over 8 steps: per-tensor step counts, moments and values equal torch's AdamW."""
+    backend, device = any_backend
+    gen = torch.Generator().manual_seed(32)
+    mods, params, twins, opt, ref = _stepped_pair(backend, device, gen, lr=1e-2, weight_decay=0.1,
+                                                  capturable=capturable)
+    n = len(params)
+    for step in range(8):
+        for k, (p, t) in enumerate(zip(params, twins)):
+            if (k + step) % 3 == 0 and step != 4:  # step 4: every tensor has a gradient
+                p.grad = t.grad = None
+            else:
+                g = torch.randn(p.shape, generator=gen)
+                p.grad, t.grad = g.to(device), g.clone().to(device)
+        opt.step()
+        ref.step()
+        _assert_same_as_torch(opt, ref, params, twins)
+    counts = sorted({int(opt.state[p]["step"]) for p in params})
+    assert len(counts) > 1 and len(opt._buckets) >= len(counts)  # one bucket per step count
+    for m in mods:  # and the frozen copies follow
+        if m.weight_rows is not None:
+            assert torch.equal(m.frozen_weight[m.rows].cpu(), m.weight_rows.detach().bfloat16().cpu())
+    assert n == len(params)
+
+
+def test_a_state_with_different_step_counts_loads_and_continues_as_torch():
+    gen = torch.Generator().manual_seed(33)
+    mods, params, twins, opt, ref = _stepped_pair("reference", "cpu", gen, lr=1e-2)
+    for step in range(3):
+        _random_grads(params, twins, gen, "cpu")
+        if step == 1:
+            params[0].grad = twins[0].grad = None
+        opt.step()
+        ref.step()
+    fresh = KeystoneAdamW(params, lr=1e-2, backend="reference")
+    fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for _ in range(2):
+        _random_grads(params, twins, gen, "cpu")
+        fresh.step()
+        ref.step()
+    _assert_same_as_torch(fresh, ref, params, twins)
+
+
+@pytest.mark.parametrize("mode", ["raise", "skip"])
+def test_finite_gradients_whose_norm_overflows_are_refused_like_nonfinite_ones(mode):
+    """Gradients of 3e19 are finite, their fp32 norm is inf: the step is not taken, nothing changes."""
+    gen = torch.Generator().manual_seed(34)
+    mods, params, twins, opt, _ = _stepped_pair("reference", "cpu", gen, lr=1e-2, nonfinite=mode,
+                                                max_grad_norm=1.0)
+    _random_grads(params, twins, gen, "cpu")
+    opt.step()
+    before = [p.detach().clone() for p in params] + [m.frozen_weight.clone() for m in mods]
+    state = copy.deepcopy(opt.state_dict()["state"])
+    for p in params:
+        p.grad = torch.full(p.shape, 3e19)
+    assert all(bool(torch.isfinite(p.grad).all()) for p in params)
+    if mode == "raise":
+        with pytest.raises(ValueError, match="norm is inf although every gradient is finite.*not taken"):
+            opt.step()
+    else:
+        opt.step()
+        assert opt.skipped_steps == 1
+    after = [p.detach() for p in params] + [m.frozen_weight for m in mods]
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+    for k, v in opt.state_dict()["state"].items():
+        assert all(torch.equal(v[name], state[k][name]) for name in v)
+
+
+def test_capturable_skips_a_step_whose_norm_overflows():
+    gen = torch.Generator().manual_seed(35)
+    mods, params, twins, opt, _ = _stepped_pair("reference", "cpu", gen, lr=1e-2, capturable=True)
+    _random_grads(params, twins, gen, "cpu")
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.full(p.shape, 3e19)
+    opt.step()
+    assert opt.skipped_steps == 1 and all(torch.equal(p, b) for p, b in zip(params, before))
