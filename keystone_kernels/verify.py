@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import arch
+from .linear import KeystoneLinear
 from .mask import KeystoneMask
 from .tables import format_table  # noqa: F401  (re-exported: verify.format_table)
 
@@ -37,6 +38,9 @@ def scale(model: nn.Module, mask: KeystoneMask, factor: float, modules: dict | N
             yield model
         return
     indices = mask.weight_indices(model, modules)  # raises before any edit
+    for m in model.modules():  # an edit of a keystone tensor that no forward has seen yet: scatter it now, or the
+        if isinstance(m, KeystoneLinear):  # first forward inside the block would, over the ablated weights
+            m.refresh()
     saved = []
     try:
         with torch.no_grad():

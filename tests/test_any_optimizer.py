@@ -271,3 +271,19 @@ def test_optimizers_of_unpatched_models_are_left_alone():
     before = [p.detach().clone() for p in model.parameters()]
     opt.step()
     assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_an_unseen_edit_does_not_undo_an_ablation():
+    """An edit no forward has seen yet is scattered before ablate edits the frozen weights, not inside the block."""
+    from keystone_kernels import ablate
+
+    model = _patched()
+    m = next(m for m in keystone_modules(model).values() if m.weight_rows is not None)
+    with torch.no_grad():
+        m.weight_rows.add_(1.0)
+    ids = _ids()
+    with ablate(model, MASK):
+        model(input_ids=ids)
+        assert not bool(m.frozen_weight[m.rows].any())
+    model(input_ids=ids)
+    assert torch.equal(m.frozen_weight[m.rows], m.weight_rows.detach().bfloat16())
