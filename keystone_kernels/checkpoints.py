@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from ._io import _umask, atomic_write_text
+from ._io import _umask, atomic_write_text, remove_temporaries
 
 __all__ = ["CheckpointStore", "MARKER", "POINTER"]
 
@@ -61,17 +61,7 @@ class CheckpointStore:
 
     def clean(self) -> list[str]:
         """Remove the temporaries that killed writes left behind; returns their names."""
-        if not self.root.is_dir():
-            return []
-        removed = []
-        for entry in self.root.iterdir():
-            if entry.name.startswith(".tmp-"):
-                if entry.is_dir():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
-                removed.append(entry.name)
-        return removed
+        return remove_temporaries(self.root) if self.root.is_dir() else []
 
     def save(self, step: int, write: Callable[[Path], None]) -> Path:
         """Write a checkpoint of ``step`` with ``write(folder)`` and make it the latest one.
@@ -114,16 +104,30 @@ class CheckpointStore:
         return sorted(found, key=lambda item: (item[0], item[1].stat().st_mtime))
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint: the pointer's, else the highest complete step; None if none."""
+        """The newest complete checkpoint: the pointer's, else the highest complete step; None if none.
+
+        A complete folder of a higher step than the pointer's is taken only when it was completed
+        after the pointer was written: a kill between the rename and the pointer update. A higher
+        step completed before the pointer belongs to another, earlier run in the same folder.
+        """
+        return next(iter(self.candidates()), None)
+
+    def candidates(self) -> list[Path]:
+        """Every complete checkpoint, the one :meth:`latest` picks first, then the others newest first
+        (what a resume tries, in order, when a checkpoint does not load)."""
+        complete = self.complete()
+        order = [p for _, p in reversed(complete)]
         pointer = self.root / POINTER
         if pointer.is_file():
             name = pointer.read_text(encoding="utf-8").strip()
             if _NAME.match(name) and (self.root / name / MARKER).is_file():
                 named = self.root / name
-                newer = [p for s, p in self.complete() if s > int(_NAME.match(name).group(1))]
-                return newer[-1] if newer else named  # a kill after the rename, before the pointer
-        complete = self.complete()
-        return complete[-1][1] if complete else None
+                since = pointer.stat().st_mtime_ns
+                newer = [p for s, p in complete if s > int(_NAME.match(name).group(1))
+                         and (p / MARKER).stat().st_mtime_ns > since]
+                first = newer[-1] if newer else named  # a kill after the rename, before the pointer
+                order = [first] + [p for p in order if p != first]
+        return order
 
     def _prune(self, keep_name: str) -> None:
         complete = self.complete()

@@ -9,6 +9,7 @@ and memory figures). This module only parses arguments; :mod:`keystone_kernels.c
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -53,7 +54,7 @@ def _add_sft_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval", default=None,
                    help="eval file with prompt/answer (default: the shipped eval set of --data)")
     p.add_argument("--mask", help="mask JSON (default: find one with --top-fraction)")
-    p.add_argument("--top-fraction", type=float, default=0.01,
+    p.add_argument("--top-fraction", type=float, default=None,
                    help="fraction for find_keystone when no --mask (default 0.01)")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=8)
@@ -99,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "keystone one; lora: PEFT LoRA (rank --lora-r) on the seven decoder projections, torch AdamW")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: per mode, see README)")
     p.add_argument("--output", required=True, help="output folder (adapter, checkpoints, metrics.json)")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in OUTPUT from its newest checkpoint that loads; a setting (lr, seed, "
+                        "batch size, mask, data, ...) other than the run's is an error that lists the differences")
     p.add_argument("--merge", action="store_true", help="also write the merged plain model to OUTPUT/merged")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--save-every", type=int, default=50)
@@ -144,6 +147,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, RuntimeError, FileNotFoundError, ImportError) as err:
         print(f"keystone-kernels {args.command}: error: {err}", file=sys.stderr)
+        from .distributed import is_distributed
+
+        if is_distributed():
+            # A peer died or hangs: tearing the process group down at interpreter exit would block or abort
+            # (gloo: "terminate called without an active exception", exit -6), so leave now, with our code.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
 
 

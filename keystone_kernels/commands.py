@@ -48,6 +48,13 @@ def _find(args, model, tokenizer):
     )
 
 
+DEFAULT_TOP_FRACTION = 0.01  # sft / compare / demo without --mask and --top-fraction
+
+
+def _top_fraction(args) -> float:
+    return DEFAULT_TOP_FRACTION if args.top_fraction is None else args.top_fraction
+
+
 def _mask_or_find(args, model, tokenizer):
     """--mask when given, else a mask found with --top-fraction."""
     from .discovery import find_keystone
@@ -55,7 +62,15 @@ def _mask_or_find(args, model, tokenizer):
 
     if args.mask:
         return KeystoneMask.from_json(args.mask)
-    return find_keystone(model, tokenizer, top_fraction=args.top_fraction, progress=False).mask
+    return find_keystone(model, tokenizer, top_fraction=_top_fraction(args), progress=False).mask
+
+
+def _dataset(args, model, tokenizer):
+    from .sft import fit_to_context
+    from .sft_data import load_sft_dataset
+    from .tasks import resolve_data
+
+    return load_sft_dataset(resolve_data(args.data), tokenizer, max_length=fit_to_context(args.max_length, model))
 
 
 def cmd_find(args) -> int:
@@ -105,34 +120,41 @@ def cmd_sft(args) -> int:
     """Under ``torchrun`` every rank runs this: data is sharded per rank, all ranks take rank 0's mask,
     rank 0 writes."""
     from . import distributed, sft
+    from ._io import ensure_writable_dir
     from .mask import KeystoneMask
-    from .sft_data import load_sft_dataset
     from .tables import format_table
-    from .tasks import eval_items, resolve_data
+    from .tasks import eval_items
 
     args.device = str(distributed.init_from_env(args.dist_timeout, args.device))  # joins torchrun's group, if any
     main = distributed.is_main_process()
+    if main:
+        ensure_writable_dir(args.output, "--output")  # before the minutes of loading and training, not after
     model, tokenizer = _load(args)
     config = sft.SFTConfig(mode=args.mode, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                            grad_accum=args.grad_accum, seed=args.seed, backend=args.backend,
                            eval_every=args.eval_every, save_every=args.save_every, lora_r=args.lora_r)
-    dataset = load_sft_dataset(resolve_data(args.data), tokenizer, max_length=args.max_length)
+    dataset = _dataset(args, model, tokenizer)
     items = eval_items(args.data, args.eval)
-    mask = None
-    resuming = args.resume and sft.latest_checkpoint(args.output) is not None
-    if args.mode not in ("full", "lora") and not resuming:
-        # every rank finds it (no rank idles in a collective meanwhile), then all take rank 0's
-        mask = KeystoneMask.from_dict(distributed.broadcast_object(_mask_or_find(args, model, tokenizer).to_dict()))
+    mask, origin = None, {}
+    if args.mode not in ("full", "lora"):
+        if args.mask is None and (not args.resume or args.top_fraction is not None):
+            origin["top_fraction"] = _top_fraction(args)  # a resume compares it with the run's
+        if args.resume and sft.latest_checkpoint(args.output) is not None:
+            mask = KeystoneMask.from_json(args.mask) if args.mask else None  # None: the checkpoint's own
+        else:
+            # every rank finds it (no rank idles in a collective meanwhile), then all take rank 0's
+            mask = KeystoneMask.from_dict(distributed.broadcast_object(_mask_or_find(args, model, tokenizer).to_dict()))
     before = sft.evaluate(model, tokenizer, items) if items and not args.no_eval else None
     try:
-        result = sft.train(model, tokenizer, mask, dataset, config, args.output, resume=args.resume, progress=main)
+        result = sft.train(model, tokenizer, mask, dataset, config, args.output, resume=args.resume, progress=main,
+                           origin=origin)
     except RuntimeError as err:
         if not distributed.is_distributed():
             raise
         raise RuntimeError(
             f"rank {distributed.rank()}: {err}\nIn a run of several processes this means another rank died, or hung "
             f"for longer than --dist-timeout ({args.dist_timeout or 'torch default'} s). The last checkpoint is in "
-            f"{Path(args.output) / 'checkpoint'}: start the job again with --resume") from err
+            f"{Path(args.output) / 'checkpoints'}: start the job again with --resume") from err
     if not main:
         return 0  # rank 0 evaluates and writes metrics, the merged model and the summary
     after = sft.evaluate(model, tokenizer, items) if items and not args.no_eval else None
@@ -151,12 +173,13 @@ def cmd_sft(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    from ._io import ensure_writable_dir
     from .compare import sweep
-    from .sft_data import load_sft_dataset
-    from .tasks import eval_items, resolve_data
+    from .tasks import eval_items
 
+    ensure_writable_dir(args.output, "--output")
     model, tokenizer = _load(args)
-    dataset = load_sft_dataset(resolve_data(args.data), tokenizer, max_length=args.max_length)
+    dataset = _dataset(args, model, tokenizer)
     items = eval_items(args.data, args.eval)[: args.eval_items]
     if not items:
         raise ValueError("comparisons need an eval set with prompt/answer rows (--eval)")
@@ -175,10 +198,12 @@ def cmd_compare(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from ._io import ensure_writable_dir
     from .demo import run_demo
 
+    ensure_writable_dir(args.output, "--output")
     model, tokenizer = _load(args)
     run_demo(model, tokenizer, args.output, data=args.data, eval_path=args.eval, steps=args.steps,
-             batch_size=args.batch_size, seed=args.seed, top_fraction=args.top_fraction,
+             batch_size=args.batch_size, seed=args.seed, top_fraction=_top_fraction(args),
              max_length=args.max_length, max_eval_items=args.eval_items)
     return 0

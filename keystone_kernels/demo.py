@@ -12,7 +12,7 @@ from pathlib import Path
 from . import compare
 from .discovery import find_keystone
 from .reports import collapse_summary, discovery_summary
-from .sft import evaluate, write_metrics
+from .sft import evaluate, fit_to_context, write_metrics
 from .sft_data import load_sft_dataset
 from .tables import format_table
 from .tasks import eval_items, resolve_data
@@ -45,7 +45,7 @@ def run_demo(model, tokenizer, output: str | Path, *, data: str = "arith-train",
     if not items:
         raise ValueError(f"the demo needs an eval set with prompt/answer rows: --data {data} has no shipped one, "
                          "name one with --eval")
-    dataset = load_sft_dataset(resolve_data(data), tokenizer, max_length=max_length)
+    dataset = load_sft_dataset(resolve_data(data), tokenizer, max_length=fit_to_context(max_length, model))
 
     print("== 1. find keystone neurons (shipped math / code / knowledge / multilingual prompts)")
     found = find_keystone(model, tokenizer, top_fraction=top_fraction, progress=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -97,6 +98,7 @@ def load_model(
         path: str = str(default_model_path())
     else:
         path = os.fspath(name_or_path)
+        _check_model_path(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
@@ -110,6 +112,25 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _check_model_path(path: str) -> None:
+    """A clear error for a ``--model`` that is a local path but no model folder (an HF id is left to the cache)."""
+    p = Path(path).expanduser()
+    if not p.exists() and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) and not path.startswith("."):
+        return  # "name" or "org/name": a Hugging Face id, looked up in the local cache
+
+    why = None
+    if not p.exists():
+        why = f"no such folder ({p.resolve()} does not exist)"
+    elif not p.is_dir():
+        why = "it is a file, not a folder: give the folder that holds config.json and the weights"
+    elif not (p / "config.json").is_file():
+        found = sorted(x.name for x in p.iterdir())[:8]
+        why = f"the folder has no config.json (it holds {found or 'nothing'}), so save_pretrained did not write it"
+    if why:
+        raise RuntimeError(f"cannot load model {path!r}: {why}. Give a saved Hugging Face model folder, a model id "
+                           "already in the local Hugging Face cache, or 'default'")
 
 
 def load_default_model(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):

@@ -134,14 +134,24 @@ class SFTDataset(torch.utils.data.Dataset):
         self.examples: list[Example] = []
         self.truncated = 0
         self.rows = list(rows)
+        empty = []  # rows whose every response is empty: they teach only "stop at once"
         for i, row in enumerate(self.rows):
-            ex = encode_messages(tokenizer, _check_row(i, row), chat)
+            messages = _check_row(i, row)
+            if all(not str(m["content"]).strip() for m in messages if m["role"] == "assistant"):
+                empty.append(i)
+            ex = encode_messages(tokenizer, messages, chat)
             if len(ex.input_ids) > max_length:
                 self.truncated += 1
                 ex = Example(ex.input_ids[:max_length], ex.labels[:max_length])
             if all(label == IGNORE for label in ex.labels):
                 raise ValueError(f"row {i}: no response token left after truncation to max_length={max_length}")
             self.examples.append(ex)
+        if len(empty) == len(self.rows):
+            raise ValueError(f"every one of the {len(self.rows)} rows has an empty response: there is nothing to learn "
+                             "(is the response field misnamed, or the file a prompts-only file?)")
+        if empty:
+            warnings.warn(f"{len(empty)} of {len(self.rows)} rows have an empty response (first: row {empty[0]}); they "
+                          "teach the model to stop at once", stacklevel=2)
         if self.truncated:
             warnings.warn(f"{self.truncated} of {len(self.rows)} rows were longer than max_length={max_length} "
                           "and were truncated", stacklevel=2)

@@ -129,3 +129,23 @@ def test_killed_at_every_boundary_a_complete_checkpoint_remains(tmp_path):
         assert code == 9
         kill_at += 1
     assert 5 < kill_at < 200 and outcomes == {1, 2}  # killed early: step 1 stays; late: step 2 is there
+
+
+def test_a_higher_step_of_an_earlier_run_does_not_beat_the_pointer(tmp_path):
+    """Folders of an earlier, longer run completed before this run's pointer was written: the pointer wins."""
+    import time
+
+    earlier = CheckpointStore(tmp_path, keep=5)
+    earlier.save(8, _writer(8, torch.full((2,), 8.0)))
+    time.sleep(0.01)
+    store = CheckpointStore(tmp_path, keep=5)
+    store.save(4, _writer(4, torch.full((2,), 4.0)))
+    assert _read(store.latest())["step"] == 4
+    assert [_read(p)["step"] for p in store.candidates()] == [4, 8]
+    # whereas a folder completed after the pointer is a save killed before its pointer update: it wins
+    time.sleep(0.01)
+    late = tmp_path / "step-00000006-0000beef"
+    late.mkdir()
+    _writer(6, torch.full((2,), 6.0))(late)
+    (late / MARKER).write_text("6\n")
+    assert _read(store.latest())["step"] == 6

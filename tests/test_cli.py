@@ -85,3 +85,173 @@ def test_compare_and_demo(tiny_dir, data, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "keystone ablated" in printed and "optimizer state" in printed
     assert (demo / "loss_curves.png").stat().st_size > 0 and (demo / "keystone_mask.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------- an honest resume
+def _sft_args(tiny_dir, data, out, *extra):
+    return ["sft", "--model", tiny_dir, "--data", str(data / "train.jsonl"), "--no-eval", "--top-fraction", "0.05",
+            "--batch-size", "3", "--save-every", "2", "--output", str(out), "--backend", "reference", *extra]
+
+
+@pytest.fixture(scope="module")
+def started_run(tiny_dir, data, tmp_path_factory):
+    """A 4-step run with checkpoints at steps 2 (kept) and the mask it found, to resume from."""
+    out = tmp_path_factory.mktemp("started") / "run"
+    assert main(_sft_args(tiny_dir, data, out, "--steps", "4", "--seed", "3")) == 0
+    return out
+
+
+@pytest.mark.parametrize("change,listed", [
+    (["--lr", "0.5"], "learning_rate: 0.001 in the checkpoint, 0.5 now"),
+    (["--seed", "4"], "seed: 3 in the checkpoint, 4 now"),
+    (["--batch-size", "2"], "batch_size: 3 in the checkpoint, 2 now"),
+    (["--top-fraction", "0.2"], "top_fraction: 0.05 in the checkpoint, 0.2 now"),
+    (["--max-length", "26"], "training data:"),
+    (["--mask", "OTHER"], "mask: not the mask the checkpoint was trained with"),
+])
+def test_resume_with_other_settings_is_an_error_listing_them(started_run, tiny_dir, data, tmp_path, capsys, change,
+                                                             listed):
+    import shutil
+
+    from keystone_kernels.mask import KeystoneMask
+
+    run = tmp_path / "run"
+    shutil.copytree(started_run, run)
+    if change[-1] == "OTHER":
+        KeystoneMask({("attn_q", 0, None): [1, 2]}).to_json(tmp_path / "other.json")
+        change = ["--mask", str(tmp_path / "other.json")]
+    args = _sft_args(tiny_dir, data, run, "--steps", "6", "--seed", "3", "--resume") + change
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "this run differs from the one in" in err and listed in err, err
+    assert json.loads((latest_checkpoint(run) / "state.json").read_text())["step"] == 2  # nothing trained
+
+
+def test_resume_with_the_same_settings_and_its_own_mask_continues(started_run, tiny_dir, data, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(started_run, run)
+    mask = tmp_path / "mask.json"
+    from keystone_kernels.adapter import read_adapter
+    from keystone_kernels.mask import KeystoneMask
+
+    _, meta = read_adapter(latest_checkpoint(run) / "adapter.safetensors")
+    KeystoneMask.from_dict(json.loads(meta["mask"])).to_json(mask)
+    assert main(_sft_args(tiny_dir, data, run, "--steps", "6", "--seed", "3", "--resume", "--mask", str(mask))) == 0
+    assert len(json.loads((run / "metrics.json").read_text())["losses"]) == 6
+
+
+def test_a_new_run_into_the_folder_of_a_longer_run_moves_its_checkpoints_aside(tiny_dir, data, tmp_path):
+    out = tmp_path / "run"
+    assert main(_sft_args(tiny_dir, data, out, "--steps", "9")) == 0  # checkpoints up to step 8
+    with pytest.warns(UserWarning, match=r"held the checkpoints of an earlier run \(newest: step-00000008.*moved to"):
+        assert main(_sft_args(tiny_dir, data, out, "--steps", "5")) == 0  # a new run: checkpoint at 4
+    aside = [p for p in out.iterdir() if p.name.startswith("checkpoints.previous-")]
+    assert len(aside) == 1 and json.loads((latest_checkpoint(out) / "state.json").read_text())["step"] == 4
+    assert main(_sft_args(tiny_dir, data, out, "--steps", "6", "--resume")) == 0
+    losses = json.loads((out / "metrics.json").read_text())["losses"]
+    assert len(losses) == 6  # this run's step 4 continued, not the earlier run's step 8
+
+
+def test_output_that_is_a_file_or_not_writable_fails_before_training(tiny_dir, data, tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    capsys.readouterr()
+    assert main(_sft_args(tiny_dir, data, afile, "--steps", "2")) == 2
+    err = capsys.readouterr().err
+    assert f"--output {afile} is a file, not a folder" in err and "Traceback" not in err
+    assert err.count("\n") == 1
+
+    def read_only(*a, **k):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+    assert main(_sft_args(tiny_dir, data, tmp_path / "ro", "--steps", "2")) == 2
+    err = capsys.readouterr().err
+    assert f"--output {tmp_path / 'ro'} is not writable (Read-only file system)" in err and "sft[" not in err
+
+
+def test_a_full_disk_while_writing_a_checkpoint_names_it_and_keeps_the_last_one(tiny_dir, data, tmp_path, capsys,
+                                                                                   monkeypatch):
+    import torch
+
+    real, calls = torch.save, []
+
+    def full_after_two(obj, f, *a, **k):
+        calls.append(f)
+        if len(calls) > 2:  # the first checkpoint (optimizer.pt, scheduler.pt) goes through
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos; basic_ios::clear: "
+                               "iostream error")
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_after_two)
+    out = tmp_path / "run"
+    assert main(_sft_args(tiny_dir, data, out, "--steps", "6")) == 2
+    err = capsys.readouterr().err
+    assert "could not write the checkpoint of step 4 under" in err and "iostream error" in err
+    assert "the last complete checkpoint" in err and "step-00000002" in err and "--resume" in err
+    assert json.loads((latest_checkpoint(out) / "state.json").read_text())["step"] == 2
+
+
+def test_too_long_responses_are_cut_to_the_context_on_gpt2(tmp_path, capsys):
+    from tiny import tiny_model, tiny_tokenizer
+
+    model_dir = tmp_path / "gpt2"
+    tiny_model("gpt2").save_pretrained(model_dir)  # n_positions 64
+    tiny_tokenizer().save_pretrained(model_dir)
+    rows = [{"prompt": f"{a}+{a}=", "response": "long " * 30 + str(2 * a)} for a in range(6)]
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["sft", "--model", str(model_dir), "--data", str(tmp_path / "long.jsonl"), "--no-eval", "--top-fraction",
+            "0.05", "--steps", "2", "--batch-size", "2", "--output", str(tmp_path / "run"), "--backend", "reference"]
+    with pytest.warns(UserWarning, match="max_length=256 is longer than the model's context of 64 tokens"):
+        assert main(args) == 0
+    assert len(json.loads((tmp_path / "run" / "metrics.json").read_text())["losses"]) == 2
+
+
+def test_data_with_nothing_to_learn_is_an_error_before_training(tiny_dir, tmp_path, capsys):
+    rows = [{"prompt": f"{a}+{a}=", "response": ""} for a in range(6)]
+    (tmp_path / "empty.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["sft", "--model", tiny_dir, "--data", str(tmp_path / "empty.jsonl"), "--no-eval", "--steps", "2",
+            "--output", str(tmp_path / "run")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "every one of the 6 rows has an empty response: there is nothing to learn" in err
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("missing", "no such folder"),
+    ("file", "it is a file, not a folder"),
+    ("no config", "the folder has no config.json"),
+])
+def test_model_errors_name_the_path_and_what_is_wrong(tmp_path, capsys, kind, message):
+    path = tmp_path / "model"
+    if kind == "file":
+        path.write_text("weights?")
+    elif kind == "no config":
+        path.mkdir()
+        (path / "model.safetensors").write_text("")
+    assert main(["find", "--model", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot load model {str(path)!r}: {message}" in err
+
+
+@pytest.mark.parametrize("damage", ["truncated optimizer.pt", "broken state.json", "truncated adapter"])
+def test_a_checkpoint_that_does_not_load_is_named_and_the_previous_one_is_used(tiny_dir, data, tmp_path, capsys,
+                                                                                damage):
+    out = tmp_path / "run"
+    assert main(_sft_args(tiny_dir, data, out, "--steps", "5")) == 0  # checkpoints at steps 2 and 4
+    newest = latest_checkpoint(out)
+    assert json.loads((newest / "state.json").read_text())["step"] == 4
+    name = {"truncated optimizer.pt": "optimizer.pt", "broken state.json": "state.json",
+            "truncated adapter": "adapter.safetensors"}[damage]
+    raw = (newest / name).read_bytes()
+    (newest / name).write_bytes(raw[: len(raw) // 2] if name != "state.json" else b'{"step": 4, "losses": [')
+    with pytest.warns(UserWarning, match=f"skipping a checkpoint that does not load: .*{newest.name}"):
+        assert main(_sft_args(tiny_dir, data, out, "--steps", "6", "--resume")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["losses"]) == 6  # resumed from step 2: 4 more steps run
