@@ -14,7 +14,7 @@ from .arch import ALL_TYPES, PAPER_TYPES, RESIDUAL_TYPES
 from .discovery import Discovery, default_prompts, find_keystone, select_top
 from .distributed import check_replicas
 from .fsdp import fully_shard, save_merged
-from .linear import KeystoneLinear
+from .linear import KeystoneLinear, KeystoneParameter
 from .loading import load_base_weights
 from .mask import KeystoneMask
 from .models import load_default_model, load_model
@@ -40,6 +40,7 @@ __all__ = [
     "Discovery",
     "KeystoneAdamW",
     "KeystoneLinear",
+    "KeystoneParameter",
     "KeystoneMask",
     "Overlap",
     "ablate",
