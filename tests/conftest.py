@@ -166,3 +166,37 @@ def load_bench_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+FS_OPERATIONS = ("replace", "rename", "fsync", "mkdir", "unlink", "rmdir", "open", "chmod")
+
+
+def run_killed(kill_at: int, work) -> int:
+    """Fork a child that calls ``work(boundary)`` and dies (``os._exit(9)``, like SIGKILL: no clean-up) just
+    before its ``kill_at``-th file-system operation; returns its exit code (0: it finished first).
+
+    The ``os`` functions of :data:`FS_OPERATIONS` and ``shutil.rmtree`` count as operations; ``work`` wraps
+    more with ``boundary(fn)`` (a save function, an exchange).
+    """
+    import shutil
+
+    pid = os.fork()
+    if pid == 0:
+        count = [0]
+        try:
+            def boundary(fn):
+                def wrapped(*a, **k):
+                    count[0] += 1
+                    if count[0] == kill_at:
+                        os._exit(9)
+                    return fn(*a, **k)
+                return wrapped
+
+            for name in FS_OPERATIONS:
+                setattr(os, name, boundary(getattr(os, name)))
+            shutil.rmtree = boundary(shutil.rmtree)
+            work(boundary)
+        finally:
+            os._exit(0 if count[0] < kill_at else 9)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)

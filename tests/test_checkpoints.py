@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_killed
 
 from keystone_kernels.checkpoints import MARKER, POINTER, CheckpointStore
 
@@ -82,28 +82,12 @@ def _killed_writer(root: Path, kill_at: int) -> int:
     store = CheckpointStore(root, keep=1)
     if not store.complete():
         store.save(1, lambda f: torch.save({"step": 1, "payload": torch.full((4,), 1.0)}, f / "state.pt"))
-    pid = os.fork()
-    if pid == 0:  # the child: count every file-system operation, die at the chosen one
-        try:
-            count = [0]
 
-            def boundary(fn):
-                def wrapped(*a, **k):
-                    count[0] += 1
-                    if count[0] == kill_at:
-                        os._exit(9)
-                    return fn(*a, **k)
-                return wrapped
+    def work(boundary):
+        save = boundary(torch.save)
+        store.save(2, lambda f: save({"step": 2, "payload": torch.full((4,), 2.0)}, f / "state.pt"))
 
-            for name in ("replace", "rename", "fsync", "mkdir", "unlink", "rmdir", "open", "chmod"):
-                setattr(os, name, boundary(getattr(os, name)))
-            shutil.rmtree = boundary(shutil.rmtree)
-            save = boundary(torch.save)
-            store.save(2, lambda f: save({"step": 2, "payload": torch.full((4,), 2.0)}, f / "state.pt"))
-        finally:
-            os._exit(0 if count[0] < kill_at else 9)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+    return run_killed(kill_at, work)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

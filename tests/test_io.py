@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
+from conftest import run_killed
 
 from keystone_kernels import _io
 
@@ -30,29 +30,13 @@ def _killed_replacement(parent: Path, kill_at: int, use_exchange: bool) -> int:
     """Fork a writer that replaces ``parent/merged`` ("old") by a new folder ("new") and dies (``os._exit``,
     like SIGKILL) before its ``kill_at``-th file-system operation; returns its exit code (0: it finished)."""
     _folder_with(parent / "merged", "old")
-    pid = os.fork()
-    if pid == 0:
-        try:
-            count = [0]
 
-            def boundary(fn):
-                def wrapped(*a, **k):
-                    count[0] += 1
-                    if count[0] == kill_at:
-                        os._exit(9)
-                    return fn(*a, **k)
-                return wrapped
+    def work(boundary):
+        _io.exchange = boundary(_io.exchange if use_exchange else (lambda a, b: False))
+        with _io.atomic_dir(parent / "merged") as tmp:
+            _folder_with(Path(tmp), "new")
 
-            for name in ("replace", "rename", "mkdir", "chmod", "unlink", "rmdir"):
-                setattr(os, name, boundary(getattr(os, name)))
-            shutil.rmtree = boundary(shutil.rmtree)
-            _io.exchange = boundary(_io.exchange if use_exchange else (lambda a, b: False))
-            with _io.atomic_dir(parent / "merged") as tmp:
-                _folder_with(Path(tmp), "new")
-        finally:
-            os._exit(0 if count[0] < kill_at else 9)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+    return run_killed(kill_at, work)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
