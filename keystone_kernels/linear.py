@@ -176,7 +176,10 @@ def _layers_of(optimizer: torch.optim.Optimizer) -> list[weakref.ref]:
 
 
 def _writes_frozen_weights(optimizer) -> bool:
-    return getattr(optimizer, "writes_frozen_weights", False)
+    """True for an optimizer that scatters keystone values itself, and for a wrapper of another optimizer
+    (accelerate's ``AcceleratedOptimizer``): the wrapped one's own step runs these hooks."""
+    return (getattr(optimizer, "writes_frozen_weights", False)
+            or isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer))
 
 
 def _before_any_step(optimizer, args, kwargs) -> None:

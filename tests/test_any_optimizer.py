@@ -287,3 +287,32 @@ def test_an_unseen_edit_does_not_undo_an_ablation():
         assert not bool(m.frozen_weight[m.rows].any())
     model(input_ids=ids)
     assert torch.equal(m.frozen_weight[m.rows], m.weight_rows.detach().bfloat16())
+
+
+@pytest.mark.parametrize("inner", ["keystone", "sgd"])
+def test_a_wrapped_optimizer_is_scattered_once_per_step(inner, monkeypatch):
+    """accelerate's AcceleratedOptimizer (what the HF Trainer steps) is itself a torch Optimizer: only the wrapped
+    optimizer's step scatters, once per layer (plain optimizers) or never (KeystoneAdamW, in its fused op)."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from keystone_kernels.linear import KeystoneLinear
+
+    model = _patched()
+    params = keystone_parameters(model)
+    base = KeystoneAdamW(params, lr=1e-2, backend="reference") if inner == "keystone" else torch.optim.SGD(params, 0.5)
+    opt = Accelerator(cpu=True).prepare_optimizer(base)
+    assert isinstance(opt, AcceleratedOptimizer)
+    ids = _ids()
+    first = _loss(model, ids)
+    syncs = []
+    real = KeystoneLinear.sync_frozen
+    monkeypatch.setattr(KeystoneLinear, "sync_frozen", lambda self, *a, **k: syncs.append(1) or real(self, *a, **k))
+    for _ in range(3):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    layers = sum(1 for m in keystone_modules(model).values() if m.keystone_parameters())
+    assert len(syncs) == (0 if inner == "keystone" else 3 * layers)
+    assert _loss(model, ids) < first - 1e-3
+    assert_in_sync(model)
