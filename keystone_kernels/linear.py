@@ -32,6 +32,7 @@ Whoever changes a keystone tensor, the forward, ``merge`` and ``save_pretrained`
 from __future__ import annotations
 
 import weakref
+from operator import attrgetter
 
 import torch
 from torch import Tensor, nn
@@ -60,6 +61,7 @@ _live: weakref.WeakSet = weakref.WeakSet()
 _KEYSTONE_ATTRS = ("weight_rows", "weight_cols", "bias_rows")
 _KIND_ATTR = {"rows": "weight_rows", "cols": "weight_cols", "bias": "bias_rows"}
 _set_data = torch._C.TensorBase.data.__set__  # torch's own ``p.data = t``: no version bump, no epoch bump
+_version_of = attrgetter("_version")
 
 
 class KeystoneParameter(nn.Parameter):
@@ -388,6 +390,8 @@ class KeystoneLinear(nn.Module):
             p = self._parameters.get(attr)
             if p is not None:
                 self._tag(p, kind)
+        # the tensors whose versions refresh() reads, kept as a tuple: the forward reads it on every call
+        self.__dict__["_versioned"] = tuple(p for p in map(self._parameters.get, _KEYSTONE_ATTRS) if p is not None)
 
     def _tag(self, p: nn.Parameter, kind: str) -> None:
         if type(p) is nn.Parameter:  # in place, so that every reference to it sees edits counted
@@ -402,15 +406,14 @@ class KeystoneLinear(nn.Module):
         """``nn.Module``'s, plus: a keystone tensor assigned later (``module.weight_rows = nn.Parameter(...)``,
         ``load_state_dict(assign=True)``) is tagged and marks the frozen weight stale."""
         super().register_parameter(name, param)
-        if name in _KEYSTONE_ATTRS and param is not None and "_synced_versions" in self.__dict__:
-            self._tag(param, next(k for k, a in _KIND_ATTR.items() if a == name))
+        if name in _KEYSTONE_ATTRS and "_synced_versions" in self.__dict__:
+            self._retag()
             self._synced_versions = None
             _bump_layout_epoch()
 
     def _keystone_versions(self) -> tuple[int, ...]:
         """The autograd versions of the keystone tensors: any in-place edit of one changes this."""
-        params = self._parameters
-        return tuple(-1 if p is None else p._version for p in map(params.get, _KEYSTONE_ATTRS))
+        return tuple(map(_version_of, self._versioned))
 
     def refresh(self) -> bool:
         """Re-scatter the keystone values when a tensor was edited since the last scatter; True when it did.
