@@ -238,6 +238,10 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return latest
 
 
+class CheckpointUnreadable(ValueError):
+    """A file of a checkpoint is missing, truncated or damaged (the message names it)."""
+
+
 @dataclass
 class _Checkpoint:
     """A checkpoint read whole (every file parsed) before anything is applied to a model."""
@@ -249,7 +253,8 @@ class _Checkpoint:
 
 
 def read_checkpoint(folder: Path, mode: str) -> _Checkpoint:
-    """Read and check every file of a checkpoint; ValueError naming the file and what is wrong with it."""
+    """Read and check every file of a checkpoint: :class:`CheckpointUnreadable` naming the file and what is wrong
+    with it, or a ValueError for a checkpoint of another mode."""
     path = folder / "state.json"
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
@@ -257,7 +262,7 @@ def read_checkpoint(folder: Path, mode: str) -> _Checkpoint:
             raise ValueError("it lacks step / losses / tokens / config")
         int(state["step"])
     except (OSError, ValueError, TypeError) as err:
-        raise ValueError(f"{path} does not load: {err}") from None
+        raise CheckpointUnreadable(f"{path} does not load: {err}") from None
     if state["config"].get("mode") != mode:
         raise ValueError(f"{folder} is a {state['config'].get('mode')!r} checkpoint, this run is {mode!r}")
     loaded = {}
@@ -265,20 +270,25 @@ def read_checkpoint(folder: Path, mode: str) -> _Checkpoint:
         try:
             loaded[name] = torch.load(folder / name, weights_only=True)
         except Exception as err:  # noqa: BLE001  (torch.load raises RuntimeError, EOFError, UnpicklingError...)
-            raise ValueError(f"{folder / name} does not load ({type(err).__name__}: {str(err)[:200]}); the file is "
-                             "truncated or damaged") from None
+            raise CheckpointUnreadable(f"{folder / name} does not load ({type(err).__name__}: {str(err)[:200]}); the "
+                                       "file is truncated or damaged") from None
     try:
         if mode == "full":
             from safetensors.torch import load_file
 
             load_file(str(folder / "model.safetensors"))
         elif mode == "lora":
-            if not (folder / "lora_adapter").is_dir():
-                raise ValueError(f"{folder / 'lora_adapter'} is missing")
+            from safetensors.torch import load_file
+
+            weights = sorted((folder / "lora_adapter").glob("*.safetensors"))
+            if not weights:
+                raise ValueError(f"{folder / 'lora_adapter'} holds no adapter weights")
+            for f in weights:
+                load_file(str(f))
         else:
             read_adapter(folder / "adapter.safetensors")
     except Exception as err:  # noqa: BLE001  (safetensors and read_adapter raise several types)
-        raise ValueError(f"{folder}: {err}") from None
+        raise CheckpointUnreadable(f"{folder}: {err}") from None
     return _Checkpoint(folder, state, loaded["optimizer.pt"], loaded["scheduler.pt"])
 
 
@@ -289,9 +299,7 @@ def _read_newest_loadable(store: CheckpointStore, mode: str) -> _Checkpoint:
     for folder in store.candidates() + ([legacy] if (legacy / "state.json").is_file() else []):
         try:
             return read_checkpoint(folder, mode)
-        except ValueError as err:
-            if "checkpoint, this run is" in str(err):
-                raise
+        except CheckpointUnreadable as err:
             failures.append(str(err))
             warnings.warn(f"skipping a checkpoint that does not load: {err}; trying the next older one",
                           stacklevel=3)
