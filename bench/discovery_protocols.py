@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from keystone_kernels import KeystoneMask, collapse_table, default_prompts, find_keystone, load_default_model, overlap
-from keystone_kernels.discovery import record, select_top
+from keystone_kernels import KeystoneMask, collapse_table, default_prompts, find_keystone, load_default_model
+from keystone_kernels.analysis import overlap
+from keystone_kernels.analysis.discovery import record, select_top
 
 SETTINGS = [("last", False, "tokens"), ("last", True, "tokens"), ("all", False, "tokens"), ("all", True, "tokens"),
             ("generate", False, "tokens"), ("generate", True, "tokens"), ("generate", True, "prompts")]

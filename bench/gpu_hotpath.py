@@ -43,7 +43,7 @@ try:
 except ImportError:  # run from a checkout without the package installed (the GPU machine)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from keystone_kernels.bench import SHAPES, Shape, _quiet_stderr, build_model, synthetic_mask
+from keystone_kernels.bench import SHAPES, Shape, build_model, quiet_stderr, synthetic_mask
 
 # A small Llama-like shape for the CPU smoke test (seconds, not minutes).
 TINY = Shape("tiny", "llama", 64, 128, 2, 4, 2, 256, True)
@@ -158,7 +158,7 @@ def profile_steps(step, steps: int, cuda: bool = True) -> dict:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     if cuda:
         torch.cuda.synchronize()
-    with _quiet_stderr(), profile(activities=activities) as prof:
+    with quiet_stderr(), profile(activities=activities) as prof:
         for _ in range(steps):
             with record_function(_STEP_MARK):
                 step()
@@ -243,7 +243,7 @@ def run(args) -> dict:
 
 
 def table(report: dict) -> str:
-    from keystone_kernels.verify import format_table
+    from keystone_kernels.utils.tables import format_table
 
     def f(v, spec=".3g"):
         return "-" if v is None else format(v, spec)

@@ -45,9 +45,9 @@ except ImportError:  # run from a checkout without the package installed (the GP
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from keystone_kernels.bench import SHAPES
-from keystone_kernels.bench.timing import _quiet_stderr
+from keystone_kernels.bench.timing import quiet_stderr
 from keystone_kernels.bench.train import TrainSpec, build_train_step
-from keystone_kernels.tables import format_table
+from keystone_kernels.utils.tables import format_table
 
 PHASES = ("forward", "backward", "optimizer")
 TOP = 15  # rows of each profile table
@@ -105,7 +105,7 @@ def profile_steps(step, device: torch.device, steps: int = 2) -> dict:
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     _sync(device)
-    with _quiet_stderr(), profile(activities=activities) as prof:
+    with quiet_stderr(), profile(activities=activities) as prof:
         for _ in range(steps):
             step()
         _sync(device)

@@ -8,7 +8,14 @@ the achieved bandwidth.
 import pytest
 from benchutil import BACKENDS, FRACTION_IDS, device, require_backend, synced  # noqa: F401 (device: a fixture)
 
-from keystone_kernels.bench import DENSE_IMPLS, FRACTIONS, SHAPES, OptimizerCase, dense_adamw_bytes, keystone_step_bytes
+from keystone_kernels.bench import (
+    DENSE_IMPLS,
+    FRACTIONS,
+    SHAPES,
+    OptimizerCase,
+    dense_adamw_bytes,
+    keystone_step_bytes,
+)
 
 SHAPE = SHAPES["smollm2-135m"]
 

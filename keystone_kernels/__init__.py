@@ -9,19 +9,9 @@ Public API (everything else is private)::
     keystone_kernels.patch(model, found.mask)                    # only keystone rows/cols train
 """
 
-from .adapter import load_adapter, save_adapter
-from .arch import ALL_TYPES, PAPER_TYPES, RESIDUAL_TYPES
-from .discovery import Discovery, default_prompts, find_keystone, select_top
-from .distributed import check_replicas
-from .fsdp import fully_shard, save_merged
-from .linear import KeystoneLinear, KeystoneParameter
-from .loading import load_base_weights
-from .mask import KeystoneMask
-from .models import load_default_model, load_model
-from .optim import KeystoneAdamW
-from .overlap import Overlap, overlap
-from .patching import keystone_parameters, merge, patch, sync_frozen
-from .verify import (
+from .analysis.discovery import Discovery, default_prompts, find_keystone, select_top
+from .analysis.overlap import Overlap, overlap
+from .analysis.verify import (
     ablate,
     collapse_table,
     default_texts,
@@ -30,6 +20,17 @@ from .verify import (
     score_exact_match,
     score_multiple_choice,
 )
+from .arch import ALL_TYPES, PAPER_TYPES, RESIDUAL_TYPES
+from .mask import KeystoneMask
+from .models import load_default_model, load_model
+from .nn import KeystoneLinear, KeystoneParameter
+from .optim import KeystoneAdamW
+from .parallel.ddp import check_replicas
+from .parallel.fsdp import fully_shard, save_merged
+from .parallel.loading import load_base_weights
+from .patching import load_adapter, merge, patch
+from .serialization.adapter import save_adapter
+from .state import keystone_parameters, sync_frozen
 
 __version__ = "0.1.0"
 

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from ._io import _umask, atomic_write_text, remove_temporaries
+from .utils.io import atomic_write_text, remove_temporaries, umask
 
 __all__ = ["CheckpointStore", "MARKER", "POINTER"]
 
@@ -81,7 +81,7 @@ class CheckpointStore:
                 f.flush()
                 os.fsync(f.fileno())
             _fsync_dir(tmp)
-            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+            os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700
             final = self.root / name
             os.replace(tmp, final)
         except BaseException:

@@ -15,6 +15,9 @@ import sys
 import torch
 
 from . import commands
+from .bench import add_bench_command
+from .multigpu import add_multigpu_command
+from .utils.dist import is_distributed
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -132,11 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="keystone_demo")
     p.set_defaults(func=commands.cmd_demo)
 
-    from .bench import add_bench_command
-
     add_bench_command(sub)
-    from .multigpu import add_multigpu_command
-
     add_multigpu_command(sub)
     return parser
 
@@ -147,8 +146,6 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, RuntimeError, FileNotFoundError, ImportError) as err:
         print(f"keystone-kernels {args.command}: error: {err}", file=sys.stderr)
-        from .distributed import is_distributed
-
         if is_distributed():
             # A peer died or hangs: tearing the process group down at interpreter exit would block or abort
             # (gloo: "terminate called without an active exception", exit -6), so leave now, with our code.

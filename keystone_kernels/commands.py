@@ -1,7 +1,7 @@
 """What each ``keystone-kernels`` command does with its parsed arguments (``cli.py`` parses them).
 
 Every ``cmd_*`` takes the ``argparse.Namespace`` of its sub-command and returns the exit status.
-Heavy modules are imported inside the commands, so that ``--help`` stays fast.
+Nothing heavy is imported here: transformers (seconds) is imported where a model is loaded.
 """
 
 from __future__ import annotations
@@ -10,6 +10,21 @@ import json
 from pathlib import Path
 
 import torch
+
+from . import sft
+from .analysis.discovery import find_keystone
+from .analysis.verify import collapse_table
+from .compare import sweep
+from .demo import run_demo
+from .mask import KeystoneMask, sidecar_path
+from .models import load_model
+from .reports import collapse_summary, discovery_summary
+from .sft_data import load_sft_dataset
+from .tasks import eval_items, resolve_data
+from .utils.dist import broadcast_object, init_from_env, is_distributed, is_main_process, rank
+from .utils.io import ensure_writable_dir
+from .utils.peft import require_peft
+from .utils.tables import format_table
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -22,8 +37,6 @@ def _check_device(device: str) -> None:
 
 
 def _load(args):
-    from .models import load_model
-
     _check_device(args.device)
     return load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
 
@@ -37,8 +50,6 @@ def _read_prompts(path: str) -> dict:
 
 
 def _find(args, model, tokenizer):
-    from .discovery import find_keystone
-
     prompts = _read_prompts(args.prompts) if args.prompts else None
     types = args.types.split(",") if args.types else None
     return find_keystone(
@@ -57,32 +68,21 @@ def _top_fraction(args) -> float:
 
 def _mask_or_find(args, model, tokenizer):
     """--mask when given, else a mask found with --top-fraction."""
-    from .discovery import find_keystone
-    from .mask import KeystoneMask
-
     if args.mask:
         return KeystoneMask.from_json(args.mask)
     return find_keystone(model, tokenizer, top_fraction=_top_fraction(args), progress=False).mask
 
 
 def _dataset(args, model, tokenizer):
-    from .sft import fit_to_context
-    from .sft_data import load_sft_dataset
-    from .tasks import resolve_data
-
-    return load_sft_dataset(resolve_data(args.data), tokenizer, max_length=fit_to_context(args.max_length, model))
+    return load_sft_dataset(resolve_data(args.data), tokenizer, max_length=sft.fit_to_context(args.max_length, model))
 
 
 def cmd_find(args) -> int:
-    from .reports import discovery_summary
-
     model, tokenizer = _load(args)
     found = _find(args, model, tokenizer)
     found.mask.to_json(args.out, paper_compatible=args.paper_compatible)
     print(discovery_summary(found))
     if args.paper_compatible:
-        from .mask import sidecar_path
-
         print(f"mask written to {args.out} (the paper's layout; metadata in {sidecar_path(args.out)})")
     else:
         print(f"mask written to {args.out}")
@@ -90,10 +90,6 @@ def cmd_find(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .mask import KeystoneMask
-    from .reports import collapse_summary, discovery_summary
-    from .verify import collapse_table
-
     model, tokenizer = _load(args)
     if args.mask:
         mask = KeystoneMask.from_json(args.mask)
@@ -119,14 +115,8 @@ def cmd_verify(args) -> int:
 def cmd_sft(args) -> int:
     """Under ``torchrun`` every rank runs this: data is sharded per rank, all ranks take rank 0's mask,
     rank 0 writes."""
-    from . import distributed, sft
-    from ._io import ensure_writable_dir
-    from .mask import KeystoneMask
-    from .tables import format_table
-    from .tasks import eval_items
-
-    args.device = str(distributed.init_from_env(args.dist_timeout, args.device))  # joins torchrun's group, if any
-    main = distributed.is_main_process()
+    args.device = str(init_from_env(args.dist_timeout, args.device))  # joins torchrun's group, if any
+    main = is_main_process()
     if main:
         ensure_writable_dir(args.output, "--output")  # before the minutes of loading and training, not after
     model, tokenizer = _load(args)
@@ -143,16 +133,16 @@ def cmd_sft(args) -> int:
             mask = KeystoneMask.from_json(args.mask) if args.mask else None  # None: the checkpoint's own
         else:
             # every rank finds it (no rank idles in a collective meanwhile), then all take rank 0's
-            mask = KeystoneMask.from_dict(distributed.broadcast_object(_mask_or_find(args, model, tokenizer).to_dict()))
+            mask = KeystoneMask.from_dict(broadcast_object(_mask_or_find(args, model, tokenizer).to_dict()))
     before = sft.evaluate(model, tokenizer, items) if items and not args.no_eval else None
     try:
         result = sft.train(model, tokenizer, mask, dataset, config, args.output, resume=args.resume, progress=main,
                            origin=origin)
     except RuntimeError as err:
-        if not distributed.is_distributed():
+        if not is_distributed():
             raise
         raise RuntimeError(
-            f"rank {distributed.rank()}: {err}\nIn a run of several processes this means another rank died, or hung "
+            f"rank {rank()}: {err}\nIn a run of several processes this means another rank died, or hung "
             f"for longer than --dist-timeout ({args.dist_timeout or 'torch default'} s). The last checkpoint is in "
             f"{Path(args.output) / 'checkpoints'}: start the job again with --resume") from err
     if not main:
@@ -164,7 +154,7 @@ def cmd_sft(args) -> int:
                "median_step_seconds": result.median_step_seconds, "tokens": result.tokens, "losses": result.losses,
                "before": before, "after": after}
     sft.write_metrics(Path(args.output) / "metrics.json", metrics)
-    sft.finish(model, args.output, args.merge)
+    sft.finish(model, args.output, args.merge, args.mode)
     if before and after:
         print(format_table(["metric", "before", "after"], [(k, before[k], after[k]) for k in before]))
     print(f"mode {args.mode}, lr {config.learning_rate:g}: {result.trainable_parameters} trainable parameters, "
@@ -173,10 +163,6 @@ def cmd_sft(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from ._io import ensure_writable_dir
-    from .compare import sweep
-    from .tasks import eval_items
-
     ensure_writable_dir(args.output, "--output")
     model, tokenizer = _load(args)
     dataset = _dataset(args, model, tokenizer)
@@ -187,8 +173,6 @@ def cmd_compare(args) -> int:
     grid = {"keystone": args.lrs_keystone, "random": args.lrs_random, "lora": args.lrs_lora, "full": args.lrs_full}
     grid = {m: lrs for m, lrs in grid.items() if lrs}
     if "lora" in grid:  # fail before the other runs, not after them
-        from .lora import require_peft
-
         require_peft()
     report = sweep(model, tokenizer, mask, dataset, items, grid, args.steps, args.batch_size, args.output, args.seed,
                    lora_r=args.lora_r)
@@ -198,9 +182,6 @@ def cmd_compare(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from ._io import ensure_writable_dir
-    from .demo import run_demo
-
     ensure_writable_dir(args.output, "--output")
     model, tokenizer = _load(args)
     run_demo(model, tokenizer, args.output, data=args.data, eval_path=args.eval, steps=args.steps,

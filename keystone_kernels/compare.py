@@ -17,8 +17,8 @@ from pathlib import Path
 from torch import nn
 
 from . import sft
-from ._io import atomic_write_text
-from .tables import format_table
+from .utils.io import atomic_write_text
+from .utils.tables import format_table
 
 
 @dataclass

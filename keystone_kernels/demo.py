@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 
 from . import compare
-from .discovery import find_keystone
+from .analysis.discovery import find_keystone
+from .analysis.verify import collapse_table
 from .reports import collapse_summary, discovery_summary
 from .sft import evaluate, fit_to_context, write_metrics
 from .sft_data import load_sft_dataset
-from .tables import format_table
 from .tasks import eval_items, resolve_data
-from .verify import collapse_table
+from .utils.tables import format_table
 
 __all__ = ["run_demo"]
 

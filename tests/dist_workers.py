@@ -245,7 +245,7 @@ def _replicas(rank, base) -> dict:
     import torch
 
     from keystone_kernels import check_replicas, patch
-    from keystone_kernels.distributed import ReplicaMismatchError
+    from keystone_kernels.parallel.ddp import ReplicaMismatchError
 
     model = patch(copy.deepcopy(base), _mask(), backend="reference")
     out = {"equal_digest": check_replicas(model)}
@@ -430,7 +430,7 @@ def trainer(out_dir: Path) -> dict:
     from transformers import TrainingArguments
 
     from keystone_kernels import keystone_parameters, patch
-    from keystone_kernels import trainer as kt
+    from keystone_kernels.integrations import trainer as kt
     from keystone_kernels.sft_data import SFTDataset, collate
 
     checked = []

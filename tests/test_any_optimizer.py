@@ -16,8 +16,8 @@ import torch
 from tiny import tiny_model, tiny_tokenizer
 
 from keystone_kernels import KeystoneAdamW, KeystoneMask, keystone_parameters, merge, patch, sync_frozen
-from keystone_kernels.linear import KeystoneParameter
-from keystone_kernels.patching import keystone_modules
+from keystone_kernels.nn.linear import KeystoneParameter
+from keystone_kernels.state import keystone_modules
 
 # rows, columns, rows and columns, a bias-free model: every kind of keystone tensor of a Llama
 MASK = KeystoneMask({("attn_q", 0, None): [1, 5, 17], ("fwd_up", 1, None): [0, 70], ("attn_o", 1, None): [3],
@@ -232,7 +232,7 @@ def test_a_replaced_parameter_object_is_tagged_and_seen():
 
 def test_keystone_adamw_steps_do_not_rescatter_in_the_forward(monkeypatch):
     """The version check costs no scatter when only KeystoneAdamW writes."""
-    from keystone_kernels.linear import KeystoneLinear
+    from keystone_kernels.nn.linear import KeystoneLinear
 
     model = _patched()
     opt = KeystoneAdamW(keystone_parameters(model), lr=1e-2, backend="reference")
@@ -296,7 +296,7 @@ def test_a_wrapped_optimizer_is_scattered_once_per_step(inner, monkeypatch):
     from accelerate import Accelerator
     from accelerate.optimizer import AcceleratedOptimizer
 
-    from keystone_kernels.linear import KeystoneLinear
+    from keystone_kernels.nn.linear import KeystoneLinear
 
     model = _patched()
     params = keystone_parameters(model)

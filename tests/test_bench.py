@@ -116,9 +116,9 @@ def test_bytes_model_counts_the_optimizers_tensors():
 def test_parse_fractions_and_cli_registration():
     from keystone_kernels.cli import build_parser
 
-    assert bench._parse_fractions("0.1%, 0.01") == [pytest.approx(1e-3), 0.01]
+    assert bench.parse_fractions("0.1%, 0.01") == [pytest.approx(1e-3), 0.01]
     with pytest.raises(ValueError, match="fraction"):
-        bench._parse_fractions("0")
+        bench.parse_fractions("0")
     args = build_parser().parse_args(["bench", "--quick", "--device", "cpu", "--out", "x"])
     assert args.func is bench.cmd_bench and args.quick and args.out == "x"
 
@@ -198,12 +198,12 @@ def test_lora_rows_beside_dense_and_keystone(monkeypatch):
 
 
 def test_bench_lora_and_liger_options():
-    from keystone_kernels.bench.cli import _parse_ranks
+    from keystone_kernels.bench.cli import parse_ranks
     from keystone_kernels.cli import build_parser, main
 
-    assert _parse_ranks("8, 16,64") == (8, 16, 64) and _parse_ranks("none") == ()
+    assert parse_ranks("8, 16,64") == (8, 16, 64) and parse_ranks("none") == ()
     with pytest.raises(ValueError, match="positive integers"):
-        _parse_ranks("8,x")
+        parse_ranks("8,x")
     plan = bench.make_plan(torch.device("cpu"), quick=True)
     assert plan.lora_ranks == (16,) and plan.baseline_steps == (("smollm2-135m", 4, 128),)
     assert bench.make_plan(torch.device("cpu"), quick=False).lora_ranks == (8, 16, 64)

@@ -134,8 +134,8 @@ def test_resume_with_the_same_settings_and_its_own_mask_continues(started_run, t
     run = tmp_path / "run"
     shutil.copytree(started_run, run)
     mask = tmp_path / "mask.json"
-    from keystone_kernels.adapter import read_adapter
     from keystone_kernels.mask import KeystoneMask
+    from keystone_kernels.serialization.adapter import read_adapter
 
     _, meta = read_adapter(latest_checkpoint(run) / "adapter.safetensors")
     KeystoneMask.from_dict(json.loads(meta["mask"])).to_json(mask)

@@ -5,8 +5,8 @@ import pytest
 import torch
 from tiny import FAMILY_CONFIGS, PROMPTS, tiny_model, tiny_tokenizer
 
-from keystone_kernels.decoding import PaperRepetitionPenalty, stop_token_ids
-from keystone_kernels.discovery import _encode, collect_activations, record
+from keystone_kernels.analysis.decoding import PaperRepetitionPenalty, stop_token_ids
+from keystone_kernels.analysis.discovery import _encode, collect_activations, record
 
 PENALTY, WINDOW = 1.1, 64
 

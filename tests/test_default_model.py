@@ -94,7 +94,7 @@ def test_patched_forward_backward_peak_memory_is_at_most_half(default_model):
     import copy
 
     from keystone_kernels import patch
-    from keystone_kernels.profiling import model_bytes, peak_memory
+    from keystone_kernels.utils.profiling import model_bytes, peak_memory
 
     model, tok = default_model
     mask = find_keystone(model, tok, top_fraction=0.01, progress=False).mask

@@ -8,7 +8,7 @@ import torch
 from tiny import FAMILY_CONFIGS, PROMPTS, tiny_model, tiny_tokenizer
 
 from keystone_kernels import arch
-from keystone_kernels.discovery import collect_activations, find_keystone, select_top, use_chat_template
+from keystone_kernels.analysis.discovery import collect_activations, find_keystone, select_top, use_chat_template
 from keystone_kernels.mask import KeystoneMask
 
 

@@ -22,8 +22,8 @@ from tiny import tiny_model, tiny_tokenizer
 
 import keystone_kernels as kk
 from keystone_kernels import KeystoneAdamW, KeystoneMask, patch
-from keystone_kernels.distributed import ddp_ignored_names, reduction_checksum, tensor_checksums
 from keystone_kernels.multigpu import ddp_gradient_bytes
+from keystone_kernels.parallel.ddp import ddp_ignored_names, reduction_checksum, tensor_checksums
 from keystone_kernels.sft import latest_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")

@@ -94,19 +94,19 @@ def test_bench_step_asks_for_the_focused_set(dry):
     args = parser.parse_args(["bench", *_args_of(dry["steps"]["bench"]["cmd"], "keystone_kernels")[1:]])
     assert args.device == "cuda" and args.quick
     assert args.shapes == "llama-3.1-8b" and set(args.parts.split(",")) == {"host", "optimizer", "wgrad", "train"}
-    assert bench._parse_fractions(args.fractions) == [1e-3, 1e-2]
+    assert bench.parse_fractions(args.fractions) == [1e-3, 1e-2]
     assert set(args.backends.split(",")) == {"triton", "ext"}
     plan = bench.make_plan(torch.device("cpu"), True, backends=["reference"], fractions=[1e-3, 1e-2])
-    assert bench._parse_train_steps(args.train_steps, plan) == [("llama-3.2-1b", 1, 512, [(1e-3, "reference")])]
+    assert bench.parse_train_steps(args.train_steps, plan) == [("llama-3.2-1b", 1, 512, [(1e-3, "reference")])]
 
 
 def test_parse_train_steps_rejects_what_it_cannot_run():
     plan = bench.make_plan(torch.device("cpu"), True, backends=["reference"], fractions=[1e-2])
-    assert bench._parse_train_steps("smollm2-135m:4x128, qwen3-0.6b:1X64", plan) == [
+    assert bench.parse_train_steps("smollm2-135m:4x128, qwen3-0.6b:1X64", plan) == [
         ("smollm2-135m", 4, 128, [(1e-2, "reference")]), ("qwen3-0.6b", 1, 64, [(1e-2, "reference")])]
     for bad in ("llama:1x512", "llama-3.2-1b", "llama-3.2-1b:0x512", "llama-3.2-1b:1x"):
         with pytest.raises(ValueError, match="SHAPE:BATCHxSEQ"):
-            bench._parse_train_steps(bad, plan)
+            bench.parse_train_steps(bad, plan)
 
 
 def test_hotpath_step_parses_with_the_probe_cli(dry):

@@ -57,7 +57,7 @@ def _metadata(path) -> dict:
 
 
 def test_nan_values_are_refused(adapter):
-    from keystone_kernels.adapter import adapter_checksum
+    from keystone_kernels.serialization.adapter import adapter_checksum
 
     tensors = load_file(adapter)
     name = sorted(tensors)[0]
@@ -201,7 +201,7 @@ def test_every_metadata_field_is_covered_by_the_checksum(adapter, field, value):
 
 
 def test_a_version_2_adapter_loads_with_a_warning(adapter):
-    from keystone_kernels.adapter import tensors_checksum
+    from keystone_kernels.serialization.adapter import tensors_checksum
 
     tensors = load_file(adapter)
     meta = _metadata(adapter)
@@ -271,7 +271,7 @@ def test_save_pretrained_of_a_patched_model_loads_as_the_trained_model(tmp_path,
     """model.save_pretrained / Trainer.save_model write the merged model (+ adapter); from_pretrained loads it."""
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-    from keystone_kernels.adapter import ADAPTER_NAME
+    from keystone_kernels.serialization.adapter import ADAPTER_NAME
 
     ids = torch.randint(3, 250, (2, 9), generator=torch.Generator().manual_seed(6))
     model, _ = _trained(frozen_dtype=frozen_dtype, steps=2, lr=3e-2, ids=ids)
@@ -306,7 +306,7 @@ def test_prompts_longer_than_the_context_are_cut_with_a_warning(family):
     from tiny import tiny_tokenizer
 
     from keystone_kernels import find_keystone
-    from keystone_kernels.discovery import context_length
+    from keystone_kernels.analysis.discovery import context_length
 
     model, tok = tiny_model(family), tiny_tokenizer()
     limit = context_length(model)

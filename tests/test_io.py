@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import run_killed
 
-from keystone_kernels import _io
+from keystone_kernels.utils import io as _io
 
 
 def _folder_with(path: Path, text: str) -> None:

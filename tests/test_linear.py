@@ -5,7 +5,7 @@ import torch
 from conftest import make_index, poisoned_allocations
 from torch import nn
 
-from keystone_kernels.linear import KeystoneLinear
+from keystone_kernels.nn.linear import KeystoneLinear
 
 # (leading shape, in, out)
 SHAPES = [((3, 5), 37, 29), ((1, 1), 16, 16), ((7,), 13, 41), ((2, 0, 3), 8, 5)]

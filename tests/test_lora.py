@@ -7,13 +7,21 @@ import pytest
 import torch
 from tiny import tiny_model, tiny_tokenizer, write_sft_files
 
-from keystone_kernels import KeystoneAdamW, KeystoneMask, keystone_parameters, load_adapter, merge, patch, save_adapter
-from keystone_kernels.linear import KeystoneLinear
+from keystone_kernels import (
+    KeystoneAdamW,
+    KeystoneMask,
+    keystone_parameters,
+    load_adapter,
+    merge,
+    patch,
+    save_adapter,
+)
+from keystone_kernels.nn.linear import KeystoneLinear
 from keystone_kernels.sft import SFTConfig, train
 from keystone_kernels.sft_data import SFTDataset
 
 peft = pytest.importorskip("peft", reason="the LoRA baseline needs the optional peft package (pip install '.[peft]')")
-from keystone_kernels import lora  # noqa: E402 (after the importorskip of peft)
+from keystone_kernels.integrations import lora  # noqa: E402 (after the importorskip of peft)
 
 ROWS = [{"prompt": f"{a} plus {b}?", "response": f"{a + b}"}
         for a, b in [(1, 2), (30, 4), (7, 18), (12, 12), (5, 60), (9, 9)]]

@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch
 
+from keystone_kernels.analysis.overlap import overlap
 from keystone_kernels.mask import KeystoneMask
-from keystone_kernels.overlap import overlap
 
 TYPES = ["attn_q", "attn_k", "fwd_up"]
 

@@ -19,7 +19,7 @@ from keystone_kernels import (
     sync_frozen,
 )
 from keystone_kernels.arch import family_for
-from keystone_kernels.patching import _projection_paths, keystone_modules
+from keystone_kernels.state import keystone_modules, projection_paths
 
 
 def _mask(model, fraction=0.1, types="all"):
@@ -90,7 +90,7 @@ def test_bf16_frozen_storage_and_grads_within_bf16_tolerance(any_backend):
     ids = _batch(1).to(device)
     bf16_ref = copy.deepcopy(model)
     with torch.no_grad():  # the bf16 reference: every projection rounded to bf16, computed in fp32
-        for path in _projection_paths(model, family_for(model)):
+        for path in projection_paths(model, family_for(model)):
             w = bf16_ref.get_submodule(path).weight
             w.copy_(w.to(torch.bfloat16).float())
     patch(model, mask, backend=backend)

@@ -9,8 +9,8 @@ import torch
 from tiny import FAMILY_CONFIGS, PROMPTS, tiny_model, tiny_tokenizer
 
 from keystone_kernels import arch
-from keystone_kernels.discovery import _right_padded, collect_activations
-from keystone_kernels.probe import Probe
+from keystone_kernels.analysis.discovery import _right_padded, collect_activations
+from keystone_kernels.analysis.probe import Probe
 
 IMPLEMENTATIONS = ["eager", "sdpa", "flex_attention"]
 # flex attention compiles its block mask once per shape: slow on the CPU, so two families only

@@ -7,7 +7,7 @@ import torch
 from tiny import tiny_model, tiny_tokenizer
 
 from keystone_kernels import KeystoneMask, keystone_parameters, load_adapter
-from keystone_kernels.adapter import read_adapter
+from keystone_kernels.serialization.adapter import read_adapter
 from keystone_kernels.sft import SFTConfig, batch_indices, latest_checkpoint, train
 from keystone_kernels.sft_data import IGNORE, SFTDataset, collate, load_sft_dataset, pack, read_rows
 from keystone_kernels.tasks import addition_problems, multistep_problems, shipped_path, write_shipped

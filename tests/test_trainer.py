@@ -9,9 +9,9 @@ from tiny import tiny_model, tiny_tokenizer
 from transformers import Trainer, TrainingArguments
 
 from keystone_kernels import KeystoneAdamW, KeystoneMask, keystone_parameters, load_adapter, patch
-from keystone_kernels.patching import keystone_modules
+from keystone_kernels.integrations.trainer import ADAPTER_NAME, KeystoneTrainer, keystone_optimizer
 from keystone_kernels.sft_data import SFTDataset, collate
-from keystone_kernels.trainer import ADAPTER_NAME, KeystoneTrainer, keystone_optimizer
+from keystone_kernels.state import keystone_modules
 
 MASK = KeystoneMask({("attn_q", 0, None): [1, 5], ("attn_o", 1, None): [2], ("fwd_up", 1, None): [0, 9]})
 ROWS = [{"prompt": f"{a} plus {b}?", "response": f"{a + b}"} for a in range(2, 8) for b in range(3, 6)]
@@ -89,7 +89,7 @@ def test_trainer_checkpoints_are_adapters_and_resume(tmp_path):
 
 
 def test_load_best_model_at_end_reloads_the_best_adapter(tmp_path):
-    from keystone_kernels.adapter import read_adapter
+    from keystone_kernels.serialization.adapter import read_adapter
 
     tok, base, model, data, collator = _setup()
     args = _args(tmp_path, save_strategy="steps", save_steps=1, eval_strategy="steps", eval_steps=1,

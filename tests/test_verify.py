@@ -7,8 +7,7 @@ import torch
 from tiny import PROMPTS, tiny_model, tiny_tokenizer
 
 from keystone_kernels import arch
-from keystone_kernels.mask import KeystoneMask
-from keystone_kernels.verify import (
+from keystone_kernels.analysis.verify import (
     ablate,
     answer_matches,
     collapse_table,
@@ -18,6 +17,7 @@ from keystone_kernels.verify import (
     score_exact_match,
     score_multiple_choice,
 )
+from keystone_kernels.mask import KeystoneMask
 
 MASKS = {
     # o_proj gets a row (res_attn 1) and columns (attn_o): the shared element must be handled once

@@ -27,15 +27,9 @@ the functions here.
 
 from __future__ import annotations
 
-from .cli import _parse_fractions, _parse_train_steps, add_bench_command, cmd_bench  # noqa: F401
-from .cost import (  # noqa: F401
-    dense_adamw_bytes,
-    keystone_step_bytes,
-    keystone_tensor_layout,
-    train_step_flops,
-    wgrad_flops,
-)
-from .optimizer import (  # noqa: F401
+from .cli import add_bench_command, cmd_bench, parse_fractions, parse_ranks, parse_train_steps
+from .cost import dense_adamw_bytes, keystone_step_bytes, keystone_tensor_layout, train_step_flops, wgrad_flops
+from .optimizer import (
     DENSE_IMPLS,
     HOST_COUNTS,
     DenseAdamWSetup,
@@ -46,46 +40,12 @@ from .optimizer import (  # noqa: F401
     fit_layers,
     host_layout,
 )
-from .report import _fmt, _pct, _table, plot, report, summarize  # noqa: F401
-from .run import Plan, _train_fits, bench_backends, make_plan, rerender, run  # noqa: F401
-from .shapes import (  # noqa: F401
-    FRACTIONS,
-    SHAPES,
-    Shape,
-    _projection_path,
-    build_model,
-    layer_mask,
-    synthetic_mask,
-)
-from .timing import (  # noqa: F401
-    _GIB,
-    Timing,
-    _cpu_model,
-    _free_device_bytes,
-    _git_state,
-    _mem_total,
-    _peak,
-    _quiet_stderr,
-    _sync,
-    copy_bandwidth,
-    count_launches,
-    loadavg,
-    machine_info,
-    measure,
-)
-from .train import (  # noqa: F401
-    _RESULT_TAG,
-    TrainSpec,
-    _proc_status,
-    _reset_peak_rss,
-    _train_memory,
-    _worker_main,
-    bench_train,
-    build_train_step,
-    run_train_subprocess,
-    train_worker,
-)
-from .wgrad import WGRAD_MM, WgradCase, _index_select_mm, bench_wgrad  # noqa: F401
+from .report import plot, report, summarize
+from .run import Plan, bench_backends, make_plan, rerender, run
+from .shapes import FRACTIONS, SHAPES, Shape, build_model, layer_mask, synthetic_mask
+from .timing import Timing, copy_bandwidth, count_launches, loadavg, machine_info, measure, quiet_stderr
+from .train import TrainSpec, bench_train, build_train_step, run_train_subprocess, train_worker
+from .wgrad import WGRAD_MM, WgradCase, bench_wgrad
 
 __all__ = [
     "FRACTIONS",
@@ -132,4 +92,8 @@ __all__ = [
     "plot",
     "cmd_bench",
     "add_bench_command",
+    "parse_fractions",
+    "parse_ranks",
+    "parse_train_steps",
+    "quiet_stderr",
 ]

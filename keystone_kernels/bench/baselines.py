@@ -11,9 +11,10 @@ import os
 
 import torch
 
+from ..utils.tables import fmt, format_table
 from .cost import train_step_flops
 from .shapes import SHAPES, Shape
-from .timing import _GIB
+from .timing import GIB
 
 _MIB = 1024**2
 # issue 13: keystone (0.1%) against LoRA r=16 on the same seven projections, same tokens
@@ -124,8 +125,6 @@ def baseline_targets(results: dict, rows: list[dict]) -> list[dict]:
 
 def baseline_table(results: dict, markdown: bool = False) -> str:
     """One table per train step with LoRA rows: dense, keystone, LoRA (and Liger) side by side."""
-    from .report import _fmt, _table
-
     rows = results.get("summary", {}).get("rows", {}).get("baselines", [])
     cpu = results["config"]["device"] == "cpu"
     out = []
@@ -136,14 +135,14 @@ def baseline_table(results: dict, markdown: bool = False) -> str:
                  f"base {'fp32' if cpu else 'bf16'}), "
                  f"{key[0]} shapes, batch {key[1]} x seq {key[2]}")
         out.append(f"\n**{title}**\n" if markdown else f"\n{title}")
-        out.append(_table(
+        out.append(format_table(
             ["config", "trainable", "optimizer state MiB", "s/step", "tokens/s", mem, "x dense speed", "mem / dense",
              "keystone x faster", "FLOP bound", "keystone mem / this"],
-            [[r["config"], f"{r['trainable']:,}", _fmt(None if r["optimizer_state_bytes"] is None
+            [[r["config"], f"{r['trainable']:,}", fmt(None if r["optimizer_state_bytes"] is None
                                                        else r["optimizer_state_bytes"] / _MIB, ".4g"),
-              _fmt(r["time_s"]), _fmt(r["tokens_per_s"], ".0f"), _fmt(r["memory_bytes"] / _GIB),
-              _fmt(r["speedup_vs_dense"]), _fmt(r["memory_ratio_vs_dense"]), _fmt(r.get("keystone_speedup")),
-              _fmt(r.get("keystone_flop_bound")), _fmt(r.get("keystone_memory_ratio"))] for r in sel], markdown))
+              fmt(r["time_s"]), fmt(r["tokens_per_s"], ".0f"), fmt(r["memory_bytes"] / GIB),
+              fmt(r["speedup_vs_dense"]), fmt(r["memory_ratio_vs_dense"]), fmt(r.get("keystone_speedup")),
+              fmt(r.get("keystone_flop_bound")), fmt(r.get("keystone_memory_ratio"))] for r in sel], markdown))
     return "\n".join(out)
 
 
@@ -164,7 +163,7 @@ def plot_baselines(results: dict, path: str | os.PathLike) -> bool:
               "lora+liger": "tab:purple"}
     cpu = results["config"]["device"] == "cpu"
     panels = (("time_s", "s / train step", 1), ("memory_bytes", "peak RSS above imports, GiB" if cpu else
-                                                 "peak allocated, GiB", _GIB),
+                                                 "peak allocated, GiB", GIB),
               ("optimizer_state_bytes", "optimizer state, MiB (log)", _MIB))
     fig, axes = plt.subplots(len(keys), 3, figsize=(13, 3.8 * len(keys)), squeeze=False)
     for i, key in enumerate(keys):

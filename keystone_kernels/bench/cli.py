@@ -11,7 +11,7 @@ from .run import Plan, bench_backends, make_plan, rerender, run
 from .shapes import SHAPES
 
 
-def _parse_fractions(text: str) -> list[float]:
+def parse_fractions(text: str) -> list[float]:
     out = []
     for part in text.split(","):
         part = part.strip()
@@ -22,7 +22,7 @@ def _parse_fractions(text: str) -> list[float]:
     return out
 
 
-def _parse_train_steps(text: str, plan: Plan) -> list[tuple[str, int, int, list[tuple[float, str]]]]:
+def parse_train_steps(text: str, plan: Plan) -> list[tuple[str, int, int, list[tuple[float, str]]]]:
     """``SHAPE:BATCHxSEQ[,...]`` as ``Plan.train`` entries, one case each: 0.1% (else the plan's first
     fraction) with the default backend. Lets a short GPU check time one train step of a shape that
     the other parts do not use (``--shapes`` names the shapes of every part)."""
@@ -38,7 +38,7 @@ def _parse_train_steps(text: str, plan: Plan) -> list[tuple[str, int, int, list[
     return steps
 
 
-def _parse_ranks(text: str) -> tuple[int, ...]:
+def parse_ranks(text: str) -> tuple[int, ...]:
     """``--lora-ranks``: comma-separated positive integers, or ``none``."""
     if text.strip().lower() in ("", "none"):
         return ()
@@ -61,14 +61,14 @@ def cmd_bench(args) -> int:
         raise ValueError(f"--device must be cpu or cuda, got {args.device!r}")
     plan = make_plan(device, args.quick, backends=args.backends.split(",") if args.backends else None,
                      shapes=args.shapes.split(",") if args.shapes else None,
-                     fractions=_parse_fractions(args.fractions) if args.fractions else None,
+                     fractions=parse_fractions(args.fractions) if args.fractions else None,
                      parts=args.parts.split(",") if args.parts else None, budget_gb=args.mem_budget_gb)
     if args.train_steps:
-        plan.train = _parse_train_steps(args.train_steps, plan)
+        plan.train = parse_train_steps(args.train_steps, plan)
         # LoRA / Liger rows beside explicit train steps only when asked for (gpu_check.sh times one step)
         plan.baseline_steps = tuple((s, b, q) for s, b, q, _ in plan.train) if args.lora_ranks or args.liger else ()
     if args.lora_ranks is not None:
-        plan.lora_ranks = _parse_ranks(args.lora_ranks)
+        plan.lora_ranks = parse_ranks(args.lora_ranks)
     if args.liger:
         if device.type != "cuda":
             raise ValueError("--liger: Liger-Kernel runs Triton GPU kernels; use it with --device cuda")

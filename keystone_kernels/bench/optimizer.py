@@ -8,9 +8,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..nn.linear import KeystoneLinear
+from ..optim import KeystoneAdamW
 from .cost import dense_adamw_bytes, keystone_step_bytes, keystone_tensor_layout
-from .shapes import Shape, _projection_path, build_model, synthetic_mask
-from .timing import _GIB, _peak, count_launches, measure
+from .shapes import Shape, build_model, projection_path, synthetic_mask
+from .timing import GIB, count_launches, measure, peak_bytes
 
 
 @dataclass
@@ -34,7 +36,7 @@ class OptimizerCase:
         frozen = {}
         for i in range(layers):
             for name, o, k in shape.projections():
-                frozen[_projection_path(i, name)] = (torch.randn(o, k, generator=gen, device=device)
+                frozen[projection_path(i, name)] = (torch.randn(o, k, generator=gen, device=device)
                                                      * 0.02).to(torch.bfloat16)
         return cls(shape, layers, device, build_model(shape, layers), frozen)
 
@@ -64,8 +66,6 @@ class OptimizerCase:
 
     def keystone(self, fraction: float, backend: str, seed: int = 0) -> KeystoneSetup:
         """KeystoneLinear modules over the frozen weights (shared, not copied) with random keystone grads."""
-        from ..linear import KeystoneLinear
-
         mask = self.mask(fraction, seed)
         indices = mask.weight_indices(self.meta)
         empty = torch.empty(0, dtype=torch.int64)
@@ -126,8 +126,6 @@ class KeystoneSetup:
         return frozen + sum(2 * p.numel() * p.element_size() for p in self.params)  # + fp32 masters and grads
 
     def optimizer(self, backend: str):
-        from ..optim import KeystoneAdamW
-
         return KeystoneAdamW(self.params, lr=1e-5, weight_decay=0.01, backend=backend)
 
 
@@ -155,8 +153,8 @@ def bench_optimizer(shape: Shape, fractions: Sequence[float], backends: Sequence
     layers = fit_layers(shape, budget)
     if layers < 1:
         return {"shape": shape.name,
-                "skipped": f"one layer needs {shape.projection_params_per_layer * 26 / _GIB:.1f} GiB "
-                           f"> budget {budget / _GIB:.1f} GiB"}
+                "skipped": f"one layer needs {shape.projection_params_per_layer * 26 / GIB:.1f} GiB "
+                           f"> budget {budget / GIB:.1f} GiB"}
     case = OptimizerCase.build(shape, layers, device, seed)
     numel = case.numel
     out = {"shape": shape.name, "layers": layers, "of_layers": shape.layers, "weights": numel, "device": device.type,
@@ -170,7 +168,7 @@ def bench_optimizer(shape: Shape, fractions: Sequence[float], backends: Sequence
             name = f"{'masked_' if masked else ''}{impl}"
             opt, step = dense.step_fn(impl, masked)
             try:
-                peak = _peak(step, device)  # the first step allocates m and v
+                peak = peak_bytes(step, device)  # the first step allocates m and v
                 t = measure(step, device, warmup=warmup, reps=reps)
             except RuntimeError as err:  # e.g. no fused AdamW on this device
                 log(f"  dense {name}: skipped ({err})")
@@ -197,7 +195,7 @@ def bench_optimizer(shape: Shape, fractions: Sequence[float], backends: Sequence
         n_params = sum(p.numel() for p in ks.params)
         for backend in backends:
             opt = ks.optimizer(backend)
-            peak = _peak(opt.step, device)
+            peak = peak_bytes(opt.step, device)
             t = measure(opt.step, device, warmup=warmup + 1, reps=max(reps, 5), min_time_s=min_time_s)
             launches = count_launches(opt.step) if device.type == "cuda" else None
             moved = keystone_step_bytes(ks.layout)
@@ -222,8 +220,6 @@ def host_layout(tensors: int, backend: str, device: torch.device, seed: int = 0)
 
     Kernel time is negligible at these sizes, so a step's time is its host work.
     """
-    from ..linear import KeystoneLinear
-
     gen = torch.Generator().manual_seed(seed)
     modules = [KeystoneLinear(torch.randn(16, 8, generator=gen), None, torch.tensor([1, 9]), torch.tensor([3, 5]),
                               torch.bfloat16, backend).to(device) for _ in range(tensors // 2)]
@@ -240,8 +236,6 @@ def bench_host(backends: Sequence[str], device: torch.device, *, counts: Sequenc
     The slope between the two layouts (``counts``) is what each extra keystone tensor adds to a
     step; an optimizer with O(1) host work per step has a slope near zero.
     """
-    from ..optim import KeystoneAdamW
-
     out = {"device": device.type, "counts": list(counts), "rows": []}
     for backend in backends:
         for capt in capturable:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
+from ..utils.tables import fmt, format_table, percent
+from .baselines import baseline_rows, baseline_table, baseline_targets
 from .shapes import SHAPES
-from .timing import _GIB
+from .timing import GIB
 
 
 def summarize(results: dict) -> dict:
@@ -93,25 +94,9 @@ def summarize(results: dict) -> dict:
         target("peak memory ratio, Llama-3.2-1B, 4 x 2048, 0.1%", tr, "memory_ratio", 0.3, higher=False)
         target("full train step, Llama-3.2-1B, 1 x 512, 0.1%, vs dense AdamW",
                best("train", "speedup", shape="llama-3.2-1b", seq=512, batch=1, fraction=1e-3), "speedup", 3)
-    from .baselines import baseline_rows, baseline_targets
-
     rows["baselines"] = baseline_rows(results)  # PEFT LoRA (and Liger) beside dense and keystone
     targets += baseline_targets(results, rows["baselines"])
     return {"rows": rows, "targets": targets}
-
-
-def _pct(f: float) -> str:
-    return f"{100 * f:g}%"
-
-
-def _fmt(v, spec: str = ".3g") -> str:
-    return "-" if v is None else format(v, spec)
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence], markdown: bool) -> str:
-    from ..tables import format_table
-
-    return format_table(headers, rows, markdown)
 
 
 def report(results: dict, markdown: bool = False) -> str:
@@ -130,10 +115,10 @@ def report(results: dict, markdown: bool = False) -> str:
     for h in results.get("host", []):
         title(f"host work of one KeystoneAdamW step over tiny tensors ({h['device']}): the time per extra tensor")
         lo, hi = h["counts"][0], h["counts"][-1]
-        lines.append(_table(["backend", "capturable", f"us at {lo}", f"us at {hi}", "us per extra tensor"],
+        lines.append(format_table(["backend", "capturable", f"us at {lo}", f"us at {hi}", "us per extra tensor"],
                             [[r["backend"], "yes" if r["capturable"] else "no",
-                              _fmt(r["times"][str(lo)]["median"] * 1e6), _fmt(r["times"][str(hi)]["median"] * 1e6),
-                              _fmt(r["slope_s"] * 1e6)]
+                              fmt(r["times"][str(lo)]["median"] * 1e6), fmt(r["times"][str(hi)]["median"] * 1e6),
+                              fmt(r["slope_s"] * 1e6)]
                              for r in h["rows"]], markdown))
     for o in results.get("optimizer", []):
         if o.get("skipped"):
@@ -145,12 +130,12 @@ def report(results: dict, markdown: bool = False) -> str:
         rows = [r for r in s["rows"]["optimizer"] if r["shape"] == o["shape"]]
         names = list(o["dense"])
         mem_key = "masked_foreach" if "masked_foreach" in names else names[0]
-        lines.append(_table(
+        lines.append(format_table(
             ["keystone", "params", "backend", "ms", *[f"x {n}" for n in names], f"mem / {mem_key}", "bytes/s / limit",
              "launches"],
-            [[_pct(r["fraction"]), r["params"], r["backend"], _fmt(r["time_s"] * 1e3),
-              *[_fmt(r[f"speedup_vs_{n}"], ".4g") for n in names], _fmt(r[f"memory_ratio_vs_{mem_key}"]),
-              _fmt(r["bandwidth_fraction"], ".1%"), _fmt(r["launches"], "d")] for r in rows], markdown))
+            [[percent(r["fraction"]), r["params"], r["backend"], fmt(r["time_s"] * 1e3),
+              *[fmt(r[f"speedup_vs_{n}"], ".4g") for n in names], fmt(r[f"memory_ratio_vs_{mem_key}"]),
+              fmt(r["bandwidth_fraction"], ".1%"), fmt(r["launches"], "d")] for r in rows], markdown))
     for w in results.get("wgrad", []):
         d = w["dense"]
         title(f"weight gradient, {w['shape']} shapes, the 7 projections of one layer, "
@@ -158,10 +143,11 @@ def report(results: dict, markdown: bool = False) -> str:
               f"dense dW {d['time']['median'] * 1e3:.1f} ms ({d['flops_per_s'] / 1e9:.0f} GFLOP/s)")
         rows = [r for r in s["rows"]["wgrad"] if r["shape"] == w["shape"]]
         ks = {(k["fraction"], k["backend"]): k for k in w["keystone"]}
-        lines.append(_table(["keystone", "params", "backend", "ms", "speedup", "FLOP ratio", "GFLOP/s", "mem ratio"],
-                            [[_pct(r["fraction"]), ks[(r["fraction"], r["backend"])]["params"], r["backend"],
-                              _fmt(r["time_s"] * 1e3), _fmt(r["speedup"], ".4g"), _fmt(r["flop_ratio"], ".4g"),
-                              _fmt(ks[(r["fraction"], r["backend"])]["flops_per_s"] / 1e9), _fmt(r["memory_ratio"])]
+        lines.append(format_table(
+                            ["keystone", "params", "backend", "ms", "speedup", "FLOP ratio", "GFLOP/s", "mem ratio"],
+                            [[percent(r["fraction"]), ks[(r["fraction"], r["backend"])]["params"], r["backend"],
+                              fmt(r["time_s"] * 1e3), fmt(r["speedup"], ".4g"), fmt(r["flop_ratio"], ".4g"),
+                              fmt(ks[(r["fraction"], r["backend"])]["flops_per_s"] / 1e9), fmt(r["memory_ratio"])]
                              for r in rows], markdown))
     for tr in results.get("train", []):
         d = tr["dense"]
@@ -170,26 +156,24 @@ def report(results: dict, markdown: bool = False) -> str:
         title(f"train step (forward + backward + optimizer), {tr['shape']} shapes, "
               f"batch {tr['batch']} x seq {tr['seq']}: "
               f"dense ({d['optimizer']}) {d['time']['median']:.3f} s/step, {d['tokens_per_s']:.0f} tokens/s, "
-              f"{mem} {d['memory_bytes'] / _GIB:.2f} GiB"
-              + (f" (absolute peak RSS {d['peak_rss'] / _GIB:.2f} GiB)" if cpu else ""))
+              f"{mem} {d['memory_bytes'] / GIB:.2f} GiB"
+              + (f" (absolute peak RSS {d['peak_rss'] / GIB:.2f} GiB)" if cpu else ""))
         rows = [r for r in s["rows"]["train"]
                 if r["shape"] == tr["shape"] and r["seq"] == tr["seq"] and r["batch"] == tr["batch"]]
         ks = {(k["fraction"], k["backend"]): k for k in tr["keystone"]}
-        lines.append(_table(
+        lines.append(format_table(
             ["keystone", "params", "backend", "s/step", "tokens/s", "speedup", "FLOP bound", "memory GiB", "mem ratio"]
             + (["abs RSS ratio"] if cpu else []),
-            [[_pct(r["fraction"]), ks[(r["fraction"], r["backend"])]["trainable"], r["backend"], _fmt(r["time_s"]),
-              _fmt(r["tokens_per_s"], ".0f"), _fmt(r["speedup"]), _fmt(r["flop_bound"]),
-              _fmt(ks[(r["fraction"], r["backend"])]["memory_bytes"] / _GIB), _fmt(r["memory_ratio"])]
-             + ([_fmt(r["memory_ratio_absolute_rss"])] if cpu else []) for r in rows], markdown))
+            [[percent(r["fraction"]), ks[(r["fraction"], r["backend"])]["trainable"], r["backend"], fmt(r["time_s"]),
+              fmt(r["tokens_per_s"], ".0f"), fmt(r["speedup"]), fmt(r["flop_bound"]),
+              fmt(ks[(r["fraction"], r["backend"])]["memory_bytes"] / GIB), fmt(r["memory_ratio"])]
+             + ([fmt(r["memory_ratio_absolute_rss"])] if cpu else []) for r in rows], markdown))
     if s["rows"].get("baselines"):
-        from .baselines import baseline_table
-
         lines.append(baseline_table(results, markdown))
     if s["targets"]:
         title("targets (docs/design.md section 8)")
-        lines.append(_table(["target", "backend", "measured", "goal", "holds"],
-                            [[t["target"], t["backend"], _fmt(t["value"], ".3g"), t["goal"],
+        lines.append(format_table(["target", "backend", "measured", "goal", "holds"],
+                            [[t["target"], t["backend"], fmt(t["value"], ".3g"), t["goal"],
                               "yes" if t["holds"] else "NO"]
                              for t in s["targets"]], markdown))
     return "\n".join(lines)

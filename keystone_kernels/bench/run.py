@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
+from .. import ops
 from .baselines import plot_baselines
 from .optimizer import bench_host, bench_optimizer
 from .report import plot, report, summarize
 from .shapes import FRACTIONS, SHAPES, Shape
-from .timing import _GIB, _free_device_bytes, copy_bandwidth, loadavg, machine_info
+from .timing import GIB, copy_bandwidth, free_device_bytes, loadavg, machine_info
 from .train import bench_train
 from .wgrad import bench_wgrad
 
@@ -37,7 +38,7 @@ class Plan:
     reps: int = 3
     train_warmup: int = 2
     train_reps: int = 3
-    budget: int = 6 * _GIB
+    budget: int = 6 * GIB
     parts: tuple[str, ...] = ("host", "optimizer", "wgrad", "train")
     default_backend: str | None = None  # what backend="auto" picks on the device, quoted by the targets
     notes: list[str] = field(default_factory=list)
@@ -49,8 +50,6 @@ class Plan:
 
 def bench_backends(device: torch.device) -> list[str]:
     """Backends worth timing on ``device``: Triton on CPU only runs under its interpreter (not a speed)."""
-    from .. import ops
-
     names = ops.available_backends(device)
     if device.type == "cpu":
         names = [n for n in names if n != "triton"]
@@ -97,8 +96,8 @@ def make_plan(device: torch.device, quick: bool, backends: Sequence[str] | None 
     wanted = ("llama-3.2-1b", 4, 2048) if cuda else ("smollm2-135m", 4, 128)
     baseline_steps = tuple((s, b, q) for s, b, q, _ in train if (s, b, q) == wanted)
     lora_ranks = (16,) if quick else (8, 16, 64)
-    total = _free_device_bytes(device)
-    budget = int(budget_gb * _GIB) if budget_gb else int(min(6 * _GIB, 0.4 * total) if not cuda else 0.4 * total)
+    total = free_device_bytes(device)
+    budget = int(budget_gb * GIB) if budget_gb else int(min(6 * GIB, 0.4 * total) if not cuda else 0.4 * total)
     known_parts = ("host", "optimizer", "wgrad", "train")
     parts = tuple(parts or known_parts)
     if set(parts) - set(known_parts):
@@ -110,14 +109,14 @@ def make_plan(device: torch.device, quick: bool, backends: Sequence[str] | None 
                 budget=budget, parts=parts, default_backend=auto, lora_ranks=lora_ranks, baseline_steps=baseline_steps)
 
 
-def _train_fits(shape: Shape, batch: int, seq: int, device: torch.device) -> tuple[bool, str]:
+def train_fits(shape: Shape, batch: int, seq: int, device: torch.device) -> tuple[bool, str]:
     """Dense full fine-tuning needs ~16 B per parameter plus activations; skip what cannot fit."""
     need = 16 * shape.total_params + 4 * batch * seq * (shape.vocab * 3 + shape.layers * 16 * shape.hidden)
     have = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
-            else _free_device_bytes(device))
+            else free_device_bytes(device))
     ok = need < 0.85 * have
-    return ok, (f"dense needs ~{need / _GIB:.0f} GiB, "
-                f"{have / _GIB:.0f} GiB {'total' if device.type == 'cuda' else 'available'}")
+    return ok, (f"dense needs ~{need / GIB:.0f} GiB, "
+                f"{have / GIB:.0f} GiB {'total' if device.type == 'cuda' else 'available'}")
 
 
 def run(plan: Plan, out_dir: str | os.PathLike, log: Callable[[str], None] = print,
@@ -177,7 +176,7 @@ def run(plan: Plan, out_dir: str | os.PathLike, log: Callable[[str], None] = pri
                 torch.cuda.empty_cache()
     if "train" in plan.parts:
         for name, batch, seq, cases in plan.train:
-            ok, why = _train_fits(SHAPES[name], batch, seq, device)
+            ok, why = train_fits(SHAPES[name], batch, seq, device)
             if not ok:
                 log(f"train step {name} {batch}x{seq}: skipped ({why})")
                 results["config"]["notes"].append(f"train step {name} {batch}x{seq} skipped: {why}")

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import arch
+from ..mask import KeystoneMask
+
 FRACTIONS = (1e-4, 1e-3, 1e-2, 5e-2)
 
 
@@ -92,9 +95,6 @@ def synthetic_mask(model, fraction: float, seed: int = 0, layers: Iterable[int] 
     (type, layer) index space (of ``layers`` only, when given), so each space holds ``fraction``
     of its neurons in expectation, also where ``fraction * size < 1``.
     """
-    from .. import arch
-    from ..mask import KeystoneMask
-
     keys = arch.neuron_keys(model, arch.family_for(model), None)
     if layers is not None:
         wanted = set(layers)
@@ -114,9 +114,6 @@ def synthetic_mask(model, fraction: float, seed: int = 0, layers: Iterable[int] 
 
 def layer_mask(model, fraction: float, layer: int = 0, seed: int = 0):
     """``max(1, round(fraction * size))`` random neurons of every type in one layer (weight-grad bench)."""
-    from .. import arch
-    from ..mask import KeystoneMask
-
     gen = torch.Generator().manual_seed(seed)
     keys = {k: s for k, s in arch.neuron_keys(model, arch.family_for(model), None).items() if k[1] == layer}
     return KeystoneMask({k: torch.randperm(s.size, generator=gen)[: max(1, round(fraction * s.size))]
@@ -124,5 +121,5 @@ def layer_mask(model, fraction: float, layer: int = 0, seed: int = 0):
                         {"synthetic": True, "fraction": fraction, "seed": seed, "layer": layer})
 
 
-def _projection_path(layer: int, name: str) -> str:
+def projection_path(layer: int, name: str) -> str:
     return f"model.layers.{layer}.{'self_attn' if name[0] in 'qkvo' else 'mlp'}.{name}"

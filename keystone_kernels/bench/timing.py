@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
-_GIB = 1024**3
+from ..utils.profiling import peak_memory
+
+GIB = 1024**3
 
 
 @dataclass
@@ -104,7 +106,7 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _proc_field_bytes(path: str, field: str) -> int | None:
+def proc_field_bytes(path: str, field: str) -> int | None:
     """A ``Field:  N kB`` line of a Linux /proc file (``/proc/meminfo``, ``/proc/self/status``) in bytes;
     None where the file or the field is missing."""
     try:
@@ -117,7 +119,7 @@ def _proc_field_bytes(path: str, field: str) -> int | None:
 
 
 def _mem_total() -> int | None:
-    return _proc_field_bytes("/proc/meminfo", "MemTotal")
+    return proc_field_bytes("/proc/meminfo", "MemTotal")
 
 
 def machine_info(device: torch.device) -> dict:
@@ -150,7 +152,7 @@ def copy_bandwidth(device: str | torch.device, nbytes: int | None = None) -> dic
     updates in place. ``limit`` (the larger) is the physical limit quoted beside the results.
     """
     device = torch.device(device)
-    nbytes = nbytes or (_GIB if device.type == "cuda" else 256 * 1024**2)
+    nbytes = nbytes or (GIB if device.type == "cuda" else 256 * 1024**2)
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     copy = 2 * nbytes / measure(lambda: dst.copy_(src), device, warmup=2, reps=7).median
@@ -164,7 +166,7 @@ def count_launches(fn: Callable[[], object]) -> int | None:
         from torch.profiler import ProfilerActivity, profile
 
         torch.cuda.synchronize()
-        with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with quiet_stderr(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             fn()
             torch.cuda.synchronize()
         events = prof.profiler.kineto_results.events()
@@ -174,7 +176,7 @@ def count_launches(fn: Callable[[], object]) -> int | None:
 
 
 @contextlib.contextmanager
-def _quiet_stderr():
+def quiet_stderr():
     """Silence file descriptor 2 (the profiler's C++ start / stop lines) for the duration."""
     try:
         sys.stderr.flush()
@@ -192,18 +194,16 @@ def _quiet_stderr():
         os.close(devnull)
 
 
-def _peak(fn: Callable[[], object], device: torch.device) -> int:
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
     """Peak bytes allocated by ``fn()`` above what was live (profiling.peak_memory)."""
-    from ..profiling import peak_memory
-
     if device.type == "cuda":
         return int(peak_memory(fn, device))
-    with _quiet_stderr():
+    with quiet_stderr():
         return int(peak_memory(fn, device))
 
 
-def _free_device_bytes(device: torch.device) -> int:
+def free_device_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    available = _proc_field_bytes("/proc/meminfo", "MemAvailable")
-    return 8 * _GIB if available is None else available
+    available = proc_field_bytes("/proc/meminfo", "MemAvailable")
+    return 8 * GIB if available is None else available

@@ -17,11 +17,17 @@ from pathlib import Path
 
 import torch
 
+from .. import ops
+from ..integrations.lora import add_lora, lora_optimizer
+from ..optim import KeystoneAdamW
+from ..patching import patch
+from ..state import keystone_parameters
+from .baselines import apply_liger
 from .cost import train_step_flops
 from .shapes import SHAPES, Shape, build_model, synthetic_mask
-from .timing import _GIB, _proc_field_bytes, loadavg, measure
+from .timing import GIB, loadavg, measure, proc_field_bytes
 
-_RESULT_TAG = "KEYSTONE_BENCH_RESULT "
+RESULT_TAG = "KEYSTONE_BENCH_RESULT "
 
 
 @dataclass
@@ -46,7 +52,7 @@ class TrainSpec:
 
 def _proc_status(field_name: str) -> int | None:
     """``VmRSS`` / ``VmHWM`` of this process in bytes (Linux), else None."""
-    return _proc_field_bytes("/proc/self/status", field_name)
+    return proc_field_bytes("/proc/self/status", field_name)
 
 
 def _reset_peak_rss() -> bool:
@@ -72,14 +78,9 @@ def build_train_step(spec: TrainSpec) -> tuple[Callable[[], None], dict]:
     The optimizer is returned as ``step.optimizer``, the phases as ``step.forward()`` (returns the loss)
     and ``step.optimize()`` (``step`` + ``zero_grad``).
     """
-    from ..optim import KeystoneAdamW
-    from ..patching import keystone_parameters, patch
-
     device = torch.device(spec.device)
     shape = SHAPES[spec.shape]
     if spec.liger:
-        from .baselines import apply_liger
-
         apply_liger(shape, device)
     gen = torch.Generator().manual_seed(spec.seed + 1)
     ids = torch.randint(0, shape.vocab, (spec.batch, spec.seq), generator=gen).to(device)
@@ -102,8 +103,6 @@ def build_train_step(spec: TrainSpec) -> tuple[Callable[[], None], dict]:
         info.update(neurons=mask.num_neurons, backend=model._keystone.backend, optimizer="KeystoneAdamW")
         autocast = contextlib.nullcontext
     elif spec.side == "lora":
-        from ..lora import add_lora, lora_optimizer
-
         cuda = device.type == "cuda"
         model = build_model(shape, spec.layers, device=device, dtype=torch.bfloat16 if cuda else torch.float32,
                             seed=spec.seed)
@@ -145,8 +144,6 @@ def train_worker(spec: TrainSpec) -> dict:
     the training steps (``max_memory_allocated``). Not ``ru_maxrss``: Linux carries it over from
     the parent through fork + exec, so a worker started by a large parent reports the parent's peak.
     """
-    from .. import ops
-
     device = torch.device(spec.device)
     ops.resolve_backend(spec.backend, device)  # load the extension on both sides: same code resident
     if device.type == "cuda":
@@ -173,10 +170,10 @@ def train_worker(spec: TrainSpec) -> dict:
     return info
 
 
-def _worker_main(arg: str) -> None:
+def worker_main(arg: str) -> None:
     spec = TrainSpec(**json.loads(arg))
     result = train_worker(spec)
-    print(_RESULT_TAG + json.dumps(result), flush=True)
+    print(RESULT_TAG + json.dumps(result), flush=True)
 
 
 def run_train_subprocess(spec: TrainSpec, timeout: float = 1800) -> dict:
@@ -185,8 +182,8 @@ def run_train_subprocess(spec: TrainSpec, timeout: float = 1800) -> dict:
     proc = subprocess.run([sys.executable, "-m", "keystone_kernels.bench.train", json.dumps(asdict(spec))],
                           capture_output=True, text=True, timeout=timeout, env=env)
     for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(_RESULT_TAG):
-            return json.loads(line[len(_RESULT_TAG):])
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
     tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-20:])
     raise RuntimeError(f"train-step worker ({spec.side}, {spec.shape}) failed with exit code "
                        f"{proc.returncode}:\n{tail}")
@@ -222,7 +219,7 @@ def bench_train(shape: Shape, device: torch.device, batch: int, seq: int, cases:
     dense["flops"] = train_step_flops(shape, batch, seq)
     out["dense"] = dense
     log(f"train step: {shape.name}, batch {batch} x seq {seq}: dense {dense['time']['median']:.3f} s/step, "
-        f"{dense['memory_bytes'] / _GIB:.2f} GiB")
+        f"{dense['memory_bytes'] / GIB:.2f} GiB")
     for fraction, backend in cases:
         r = run_train_subprocess(TrainSpec(side="keystone", fraction=fraction, backend=backend, **common))
         r["memory_bytes"] = _train_memory(r, device.type)
@@ -230,7 +227,7 @@ def bench_train(shape: Shape, device: torch.device, batch: int, seq: int, cases:
         r["fraction"], r["backend_requested"] = fraction, backend
         out["keystone"].append(r)
         log(f"  keystone {100 * fraction:g}% {r['backend']}: {r['time']['median']:.3f} s/step, "
-            f"{r['memory_bytes'] / _GIB:.2f} GiB")
+            f"{r['memory_bytes'] / GIB:.2f} GiB")
     extra = [("lora", dict(side="lora", lora_r=r)) for r in lora_ranks]
     if liger and cases:
         extra += [("liger", dict(side="keystone", fraction=cases[0][0], backend=cases[0][1], liger=True)),
@@ -246,10 +243,10 @@ def bench_train(shape: Shape, device: torch.device, batch: int, seq: int, cases:
             continue
         r["memory_bytes"] = _train_memory(r, device.type)
         out[where].append(r)
-        log(f"  {what}: {r['time']['median']:.3f} s/step, {r['memory_bytes'] / _GIB:.2f} GiB, "
+        log(f"  {what}: {r['time']['median']:.3f} s/step, {r['memory_bytes'] / GIB:.2f} GiB, "
             f"{r['trainable']:,} trainable")
     return out
 
 
 if __name__ == "__main__":
-    _worker_main(sys.argv[1])
+    worker_main(sys.argv[1])

@@ -7,16 +7,17 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import ops
 from .cost import wgrad_flops
-from .shapes import Shape, _projection_path, build_model, layer_mask
-from .timing import _peak, measure
+from .shapes import Shape, build_model, layer_mask, projection_path
+from .timing import measure, peak_bytes
 
 # A weight-gradient variant timed beside the Triton kernel (GPU): gather dY's keystone columns with
 # index_select, then one cuBLAS GEMM in the activations' dtype (fp32 accumulation), cast to fp32.
 WGRAD_MM = "index_select+mm"
 
 
-def _index_select_mm(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+def index_select_mm(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return torch.mm((dy if rows is None else dy.index_select(1, rows)).t(), x).float()
 
 
@@ -63,10 +64,8 @@ class WgradCase:
         neurons, as KeystoneLinear's backward runs them (``X[:, C]`` saved by the forward for a
         columns-only layer, gathered in the backward otherwise). ``backend`` may also be
         :data:`WGRAD_MM`."""
-        from .. import ops
-
         if backend == WGRAD_MM:
-            gather = _index_select_mm
+            gather = index_select_mm
         else:
             def gather(dy, x, rows):
                 return ops.gather_wgrad(dy, x, rows, None, backend=backend)
@@ -74,7 +73,7 @@ class WgradCase:
         indices = layer_mask(self.meta, fraction, 0, seed).weight_indices(self.meta)
         work, flops, params = [], 0, 0
         for n, o, i in self.shape.projections():
-            ind = indices.get(_projection_path(0, n))
+            ind = indices.get(projection_path(0, n))
             if ind is None:
                 continue
             rows, cols = ind.rows.to(self.device), ind.cols.to(self.device)
@@ -111,7 +110,7 @@ def bench_wgrad(shape: Shape, fractions: Sequence[float], backends: Sequence[str
     """
     case = WgradCase.build(shape, tokens, device, seed)
     dense = case.dense_fn()
-    peak = _peak(dense, device)
+    peak = peak_bytes(dense, device)
     t = measure(dense, device, warmup=warmup, reps=reps, min_time_s=min_time_s)
     flops = case.dense_flops
     out = {"shape": shape.name, "tokens": tokens, "dtype": str(case.dtype).replace("torch.", ""), "device": device.type,
@@ -124,7 +123,7 @@ def bench_wgrad(shape: Shape, fractions: Sequence[float], backends: Sequence[str
     for f in fractions:
         for backend in variants:
             fn, params, kflops = case.keystone_fn(f, backend, seed)
-            kpeak = _peak(fn, device)
+            kpeak = peak_bytes(fn, device)
             kt = measure(fn, device, warmup=warmup + 1, reps=max(reps, 5), min_time_s=min_time_s)
             out["keystone"].append({"fraction": f, "backend": backend, "params": params, "flops": kflops,
                                     "time": kt.as_dict(), "flops_per_s": kflops / kt.median, "memory_bytes": kpeak})

@@ -5,25 +5,22 @@ environment variable ``KEYSTONE_BACKEND`` if set, else ``"auto"``: Triton for CU
 Triton imports, else the C++ extension when it loads (or builds), else the plain PyTorch
 reference. An explicit backend that cannot run on the given device raises RuntimeError.
 
-The public functions validate their inputs once, here, with ValueErrors that name the argument;
-the backends then assume valid inputs. Index values (range, and uniqueness where an op writes)
-are checked once per index tensor and remembered while the tensor is alive and unmodified, so
-that a GPU training loop pays the device sync of that check only on the first step.
+The public functions validate their inputs once, here (with :mod:`keystone_kernels.ops.checks`);
+the backends then assume valid inputs.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-import sys
 import warnings
-import weakref
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
-from . import reference
+from . import ext, reference
+from .checks import FLOAT_DTYPES, check_index, check_target, check_tensor
 from .layout import SCALARS, FlatLayout
 
 __all__ = [
@@ -37,7 +34,6 @@ __all__ = [
 
 BACKENDS = ("reference", "triton", "ext")
 _ENV = "KEYSTONE_BACKEND"
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # --------------------------------------------------------------------------- backend choice
@@ -68,8 +64,6 @@ def _triton_usable(device: torch.device) -> tuple[bool, str]:
 
 
 def _ext_usable(device: torch.device) -> tuple[bool, str]:
-    from . import ext
-
     if device.type not in ("cuda", "cpu"):
         return False, f"the C++ extension has no kernels for {device.type} tensors"
     try:
@@ -143,60 +137,7 @@ def _backend_module(name: str) -> ModuleType:
         return reference
     if name == "triton":
         return _triton_module()
-    from . import ext
-
     return ext
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _has_values(t: Tensor) -> bool:
-    """False for the fake / meta tensors of torch.compile and export: their values cannot be read."""
-    if torch.compiler.is_compiling() or t.is_meta:
-        return False
-    # Not imported at start-up (it pulls in torch._dynamo, seconds per process): where the module
-    # was never loaded, no fake tensor can exist.
-    fake = sys.modules.get("torch._subclasses.fake_tensor")
-    return fake is None or not isinstance(t, fake.FakeTensor)
-
-
-def _check_tensor(name: str, t, *, dim: int, dtypes=None, device: torch.device | None = None) -> None:
-    if not isinstance(t, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != dim:
-        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
-    if dtypes is not None and t.dtype not in dtypes:
-        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise ValueError(f"{name} must have dtype {allowed}, got {str(t.dtype).replace('torch.', '')}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device}, expected {device} like the other tensors")
-
-
-# id(index tensor) -> (weakref, _version, bound, unique checked)
-_checked_indices: dict[int, tuple[weakref.ref, int, int, bool]] = {}
-
-
-def _check_index(name: str, idx, bound: int, device: torch.device, *, unique: bool) -> None:
-    """idx: None or int64 [k] with values in [0, bound); strictly increasing when ``unique``."""
-    if idx is None:
-        return
-    _check_tensor(name, idx, dim=1, dtypes=(torch.int64,), device=device)
-    if idx.numel() == 0 or not _has_values(idx):
-        return
-    key = id(idx)
-    hit = _checked_indices.get(key)
-    if hit is not None and hit[0]() is idx and hit[1] == idx._version and hit[2] == bound and (hit[3] or not unique):
-        return
-    lo, hi = torch.aminmax(idx)
-    lo, hi = int(lo), int(hi)
-    if lo < 0 or hi >= bound:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"{name} holds {bad}, out of range [0, {bound})")
-    if unique and idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
-        raise ValueError(f"{name} must be sorted and unique (strictly increasing): the op writes each index once")
-    ref = weakref.ref(idx, lambda _, key=key: _checked_indices.pop(key, None))
-    _checked_indices[key] = (ref, idx._version, bound, unique)
 
 
 # (backend argument, device type, $KEYSTONE_BACKEND) -> backend module. A plain dict lookup, so that
@@ -248,30 +189,15 @@ def gather_wgrad(
     allocates an fp32 temporary larger than twice the result (so none of size [out, in] unless the
     result is at least half of it).
     """
-    _check_tensor("grad_out", grad_out, dim=2, dtypes=_FLOAT_DTYPES)
-    _check_tensor("x", x, dim=2, dtypes=(grad_out.dtype,), device=grad_out.device)
+    check_tensor("grad_out", grad_out, dim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("x", x, dim=2, dtypes=(grad_out.dtype,), device=grad_out.device)
     if grad_out.shape[0] != x.shape[0]:
         raise ValueError(
             f"grad_out [T, out] and x [T, in] must have the same T, got {tuple(grad_out.shape)} and {tuple(x.shape)}"
         )
-    _check_index("rows", rows, grad_out.shape[1], grad_out.device, unique=False)
-    _check_index("cols", cols, x.shape[1], grad_out.device, unique=False)
+    check_index("rows", rows, grad_out.shape[1], grad_out.device, unique=False)
+    check_index("cols", cols, x.shape[1], grad_out.device, unique=False)
     return _route(backend, grad_out.device).gather_wgrad(grad_out, x, rows, cols)
-
-
-def _check_target(weight, rows, cols, shape: tuple[int, int], *, suffix: str = "", src_name: str = "src") -> None:
-    """weight [out, in] float; unique in-range indices; shape == (len(rows) or out, len(cols) or in).
-
-    ``suffix`` (e.g. "[3]") names the element of a list argument in the errors.
-    """
-    _check_tensor(f"weight{suffix}", weight, dim=2, dtypes=_FLOAT_DTYPES)
-    _check_index(f"rows{suffix}", rows, weight.shape[0], weight.device, unique=True)
-    _check_index(f"cols{suffix}", cols, weight.shape[1], weight.device, unique=True)
-    n = weight.shape[0] if rows is None else rows.shape[0]
-    m = weight.shape[1] if cols is None else cols.shape[0]
-    if tuple(shape) != (n, m):
-        raise ValueError(f"{src_name}{suffix} must have shape ({n}, {m}) = (len(rows) or out, len(cols) or in), "
-                         f"got {tuple(shape)}")
 
 
 def scatter_to_frozen(
@@ -288,8 +214,8 @@ def scatter_to_frozen(
     rows / cols: sorted unique int64 indices, or None for all. Every other element of weight is
     left bit-identical.
     """
-    _check_tensor("src", src, dim=2, dtypes=(torch.float32,), device=getattr(weight, "device", None))
-    _check_target(weight, rows, cols, tuple(src.shape))
+    check_tensor("src", src, dim=2, dtypes=(torch.float32,), device=getattr(weight, "device", None))
+    check_target(weight, rows, cols, tuple(src.shape))
     _route(backend, weight.device).scatter_to_frozen(weight, src, rows, cols)
 
 

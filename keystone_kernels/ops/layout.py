@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .checks import check_target
+
 __all__ = [
     "ALIGN",
     "BLOCK",
@@ -93,8 +95,6 @@ def build_flat_layout(shapes: list[tuple[int, int]], targets: list[Target | None
     Validates every target once (indices in range, sorted and unique; shape = (len(rows) or out,
     len(cols) or in); same device) with ValueErrors naming the tensor; steps never check again.
     """
-    from .dispatch import _check_target  # the checks every scatter op makes
-
     if len(shapes) != len(targets):
         raise ValueError(f"{len(shapes)} shapes but {len(targets)} targets: one per tensor")
     # The concrete device ("cuda" -> "cuda:0"): tensors report an index, and the checks compare with it.
@@ -106,7 +106,7 @@ def build_flat_layout(shapes: list[tuple[int, int]], targets: list[Target | None
         row = [offset, n, m, -1, -1, 0, 0, 0, -1, -1]
         if target is not None:
             w = target.weight
-            _check_target(w, target.rows, target.cols, (n, m), suffix=f"[{k}]", src_name="tensor")
+            check_target(w, target.rows, target.cols, (n, m), suffix=f"[{k}]", src_name="tensor")
             if w.device != device:
                 raise ValueError(f"the frozen target of tensor {k} is on {w.device}, its arena on {device}")
             if id(w) not in slot_of:

@@ -26,7 +26,7 @@ _libc = None
 _OLD_COPY = re.compile(r"^\.tmp-(?P<name>.+)-(?P<rand>[A-Za-z0-9_]{8})\.old$")
 
 
-def _umask() -> int:
+def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -42,7 +42,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -91,7 +91,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
     tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-" + os.path.basename(path) + "-")
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700
         if os.path.isdir(path):
             if not exchange(tmp, path):
                 old = tmp + ".old"

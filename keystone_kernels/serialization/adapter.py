@@ -17,12 +17,16 @@ import os
 import warnings
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
-from . import arch
-from ._io import atomic_path
-from .mask import KeystoneMask
-from .patching import _patch_state, base_fingerprint, is_patched, keystone_modules, patch
+from .. import arch
+from ..mask import KeystoneMask
+from ..state import base_fingerprint, is_patched, keystone_modules, patch_state
+from ..utils.dist import is_main_process
+from ..utils.io import atomic_path
+from ..utils.peft import base_model_of
 
 ADAPTER_NAME = "keystone_adapter.safetensors"  # the file name beside a merged model or in a Trainer checkpoint
 FORMAT = "keystone-adapter/3"
@@ -56,17 +60,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     Under ``torch.distributed`` only rank 0 writes (keystone values are the same on every rank, also
     on a model sharded by :func:`~keystone_kernels.fully_shard`: nothing to gather); other ranks return.
     """
-    from safetensors.torch import save_file
-
-    from . import distributed
-    from .lora import base_model_of
-
     model = base_model_of(model)  # a patched PeftModel: the keystone values of its base, under the base's paths
-    state = _patch_state(model)
+    state = patch_state(model)
     if not state.base_fingerprint:
         raise ValueError("the base fingerprint is unknown: this model was patched on the meta device and its base "
                          "weights were not loaded yet (keystone_kernels.load_base_weights(model, checkpoint, device))")
-    if not distributed.is_main_process():
+    if not is_main_process():
         return
     tensors = {}
     train_bias = False
@@ -92,9 +91,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``(tensors, metadata)`` of an adapter file, with its format checked."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no adapter file at {path}")
     try:
@@ -154,51 +150,42 @@ def _expected_shapes(model: nn.Module, mask: KeystoneMask, modules: dict | None,
     return shapes
 
 
-def load_adapter(
-    model: nn.Module,
-    path: str | os.PathLike,
-    frozen_dtype: torch.dtype | None = None,
-    backend: str | None = "auto",
-    modules: dict | None = None,
-) -> nn.Module:
-    """Apply an adapter to ``model`` (patching it first when needed) and return it.
+def adapter_fits(model: nn.Module, path: str | os.PathLike, tensors: dict, meta: dict,
+                 modules: dict | None = None) -> tuple[KeystoneMask, bool, torch.dtype]:
+    """``(mask, train_bias, frozen_dtype)`` of an adapter read by :func:`read_adapter`, checked against ``model``.
 
-    A plain base model is checked against the adapter's base fingerprint and patched with the
-    adapter's mask (``frozen_dtype`` defaults to the one used in training); a model already patched
-    must carry the same mask and base. On any mismatch a ValueError names it and the model is left
-    untouched.
+    A patched model must carry the adapter's mask and base; a plain one must have the adapter's base
+    fingerprint and the shapes its mask gives. ValueError naming ``path`` and the mismatch otherwise.
     """
-    from .lora import base_model_of
-
-    tensors, meta = read_adapter(path)
-    outer, model = model, base_model_of(model)  # a PeftModel: checked and filled through its base model
     mask = KeystoneMask.from_dict(json.loads(meta["mask"]))
     train_bias = meta.get("train_bias") == "True"
     if is_patched(model):
-        state = _patch_state(model)
+        state = patch_state(model)
         if state.base_fingerprint != meta["base_fingerprint"] or state.mask != mask:
             raise ValueError(f"{path}: this patched model has a different base or mask than the adapter "
                              f"(base {meta['base_model']!r}); load it into a fresh base model")
-    else:
-        fingerprint = base_fingerprint(model, arch.family_for(model, modules))
-        if fingerprint != meta["base_fingerprint"]:
-            raise ValueError(
-                f"{path} was trained on base model {meta['base_model']!r} (fingerprint {meta['base_fingerprint']}); "
-                f"this model differs (fingerprint {fingerprint})"
-            )
-        expected = _expected_shapes(model, mask, modules, train_bias)
-        got = {k: tuple(v.shape) for k, v in tensors.items()}
-        if got != expected:
-            diff = sorted(set(got.items()) ^ set(expected.items()))[:3]
-            raise ValueError(f"{path}: tensors do not match the adapter's mask on this model "
-                             f"(first differences: {diff})")
-        frozen_dtype = frozen_dtype or _DTYPES[meta["frozen_dtype"]]
-        patch(outer, mask, frozen_dtype=frozen_dtype, backend=backend, modules=modules, train_bias=train_bias)
+        return mask, train_bias, _DTYPES[meta["frozen_dtype"]]
+    fingerprint = base_fingerprint(model, arch.family_for(model, modules))
+    if fingerprint != meta["base_fingerprint"]:
+        raise ValueError(
+            f"{path} was trained on base model {meta['base_model']!r} (fingerprint {meta['base_fingerprint']}); "
+            f"this model differs (fingerprint {fingerprint})"
+        )
+    expected = _expected_shapes(model, mask, modules, train_bias)
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    if got != expected:
+        diff = sorted(set(got.items()) ^ set(expected.items()))[:3]
+        raise ValueError(f"{path}: tensors do not match the adapter's mask on this model "
+                         f"(first differences: {diff})")
+    return mask, train_bias, _DTYPES[meta["frozen_dtype"]]
+
+
+@torch.no_grad()
+def fill_adapter(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy an adapter's tensors into a patched model's keystone tensors and re-scatter every layer."""
     found = keystone_modules(model)
-    with torch.no_grad():
-        for name, value in tensors.items():
-            path_, _, attr = name.rpartition(".")
-            getattr(found[path_], attr).copy_(value)
-        for module in found.values():
-            module.sync_frozen()
-    return outer
+    for name, value in tensors.items():
+        path_, _, attr = name.rpartition(".")
+        getattr(found[path_], attr).copy_(value)
+    for module in found.values():
+        module.sync_frozen()

@@ -36,33 +36,35 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from collections.abc import Iterable
 from operator import attrgetter, is_
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from . import fsdp
-from .linear import KeystoneLinear, layout_epoch, owner_of, rebind_data
-from .ops.dispatch import fused_adamw_scatter_unchecked
-from .ops.layout import FlatLayout, Target, build_flat_layout, host_scalars
+from ..nn.parameter import KIND_ATTRS, layout_epoch, owner_of, rebind_data
+from ..ops.dispatch import fused_adamw_scatter_unchecked
+from ..ops.layout import FlatLayout, Target, build_flat_layout, host_scalars
+from ..state import keystone_parameters
+from ..utils.dist import replica_group
+from ..utils.dtensor import is_dtensor
+from .state_checks import (
+    LAYOUT_KEY,
+    check_saved_group,
+    check_saved_layout,
+    check_saved_tensor_state,
+    describe,
+    tensor_name,
+)
 
 NONFINITE = ("raise", "skip")
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-_SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")
-_LAYOUT_KEY = "keystone_layout"  # state_dict(): what each tensor is (kind, shape, its layer's rows and columns)
 _grad_of = attrgetter("grad")
-_KIND_ATTR = KeystoneLinear.KIND_ATTRS
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    module = sys.modules.get("torch.distributed.tensor")  # not imported: no DTensor can exist
-    return module is not None and isinstance(t, module.DTensor)
 
 
 def _refuse_dtensor(p: Tensor) -> None:
-    if _is_dtensor(p):
+    if is_dtensor(p):
         raise ValueError(
             f"KeystoneAdamW got a DTensor parameter of shape {tuple(p.shape)} (placements {p.placements}): a sharded "
             "keystone tensor cannot be scattered into its frozen weight, so it would train nothing. Shard the model "
@@ -97,7 +99,7 @@ def _check_trainable(params: Iterable[Tensor]) -> None:
         if not p.requires_grad:
             kind = getattr(p, "_keystone_kind", None)
             owner = getattr(p, "_keystone_owner", lambda: None)()
-            what = (f"the keystone {_KIND_ATTR[kind]} tensor of shape {tuple(p.shape)} of {owner!r}" if kind and owner
+            what = (f"the keystone {KIND_ATTRS[kind]} tensor of shape {tuple(p.shape)} of {owner!r}" if kind and owner
                     else f"tensor {k} of shape {tuple(p.shape)}")
             raise ValueError(
                 f"KeystoneAdamW got {what} with requires_grad=False: autograd never computes its gradient, so it would "
@@ -115,116 +117,52 @@ def _scatter_target(p: Tensor) -> tuple[tuple[int, int], Target | None]:
     if found is None:
         return (1, p.numel()), None
     owner, kind = found
-    if getattr(owner, "_keystone_fsdp", None):
-        return tuple(p.shape) if kind != "bias" else (p.numel(), 1), None  # FSDP2: the bucket's ReplicaSync scatters
-    if kind == "rows":
-        return tuple(p.shape), Target(owner.frozen_weight, owner.rows, None)
-    if kind == "cols":
-        return tuple(p.shape), Target(owner.frozen_weight, owner.col_rows, owner.cols)
-    return (p.numel(), 1), Target(owner.frozen_bias.view(-1, 1), owner.rows, None)
+    write = next(w for w in owner.writes() if w.kind == kind)
+    shape = tuple(write.source().shape)
+    if owner.sharded:
+        return shape, None  # FSDP2: the bucket's ReplicaSync writes this rank's rows after the fused update
+    return shape, Target(owner.frozen_2d(write), write.rows, write.cols)
 
 
-def _describe(p: Tensor) -> dict:
-    """What tensor ``p`` is, for ``state_dict()``: its kind and shape, and its layer's rows and columns."""
-    owner = getattr(p, "_keystone_owner", lambda: None)()
-    if owner is None:
-        return {"kind": "plain", "shape": list(p.shape)}
-    rows, cols = owner.keystone_indices()
-    return {"kind": p._keystone_kind, "shape": list(p.shape), "layer": [owner.out_features, owner.in_features],
-            "rows": rows.clone(), "cols": cols.clone()}
+class ReplicaSync:
+    """What one bucket of replicated tensors adds to a step on a model sharded by ``fully_shard``.
+
+    ``reduce(grad)``: one all-reduce of the flat gradient arena over the group, divided by its size
+    (the mean over ranks, as DDP computes it). ``scatter()``: after the fused update (which scatters
+    nothing for sharded layers), each sharded layer writes the rows of its rank's part
+    (``KeystoneLinear.sync_frozen``).
+    """
+
+    def __init__(self, group, layers: list):
+        self.group, self.layers = group, layers
+
+    def reduce(self, grad: Tensor) -> None:
+        dist.all_reduce(grad, group=self.group)
+        grad.div_(dist.get_world_size(self.group))
+
+    def scatter(self) -> None:
+        for layer in self.layers:
+            layer.sync_frozen()
 
 
-def _name(k: int, p: Tensor) -> str:
-    kind = getattr(p, "_keystone_kind", None)
-    what = f"{_KIND_ATTR[kind]} of shape {tuple(p.shape)}" if kind else f"shape {tuple(p.shape)}"
-    return f"tensor {k} ({what})"
+def _bucket_sync(params: list[Tensor]) -> ReplicaSync | None:
+    """The :class:`ReplicaSync` of a bucket, or None when no tensor of it is replicated by ``fully_shard``.
 
-
-def _indices_text(t) -> str:
-    values = t.tolist() if isinstance(t, Tensor) else list(t)
-    return str(values) if len(values) <= 12 else f"{values[:12]}... ({len(values)} in all)"
-
-
-def _check_saved_layout(params: list[Tensor], saved: object) -> None:
-    """Refuse a saved layout (``state_dict()[_LAYOUT_KEY]``) that describes other tensors than ``params``."""
-    if not isinstance(saved, list) or len(saved) != len(params):
-        raise ValueError(f"the optimizer state's {_LAYOUT_KEY!r} field is not a list of {len(params)} tensor "
-                         "descriptions; the file is damaged or was not written by KeystoneAdamW.state_dict()")
-    for k, (p, old) in enumerate(zip(params, saved)):
-        new = _describe(p)
-        if not isinstance(old, dict):
-            raise ValueError(f"the optimizer state's {_LAYOUT_KEY!r} entry {k} is {old!r}, not a tensor description; "
-                             "the file is damaged or was not written by KeystoneAdamW.state_dict()")
-        for field, here, there in (("shape", tuple(new["shape"]), tuple(old.get("shape", ()))),
-                                   ("kind", new["kind"], old.get("kind"))):
-            if here != there:
-                raise ValueError(f"the optimizer state does not fit: tensor {k} has {field} {here} here, {there} in "
-                                 "the saved state; it was saved for another mask or model. Load it into an optimizer "
-                                 "over keystone_parameters(model) of the same patched model.")
-        for field in ("layer", "rows", "cols"):
-            if field not in new:
-                continue
-            here, there = new[field], old.get(field)
-            same = (torch.equal(here, there) if isinstance(here, Tensor) and isinstance(there, Tensor)
-                    else list(here) == list(there or ()))
-            if not same:
-                raise ValueError(
-                    f"the optimizer state does not fit: the layer of {_name(k, p)} has keystone {field} "
-                    f"{_indices_text(here)} here, {_indices_text(there if there is not None else [])} in the saved "
-                    "state, so its moments would drive other weights. It was saved with another mask: load it into a "
-                    "model patched with the mask of that run.")
-
-
-def _check_saved_tensor_state(where: str, entry: object, shape: tuple, amsgrad: bool) -> None:
-    """Refuse one tensor's saved AdamW state that cannot be trusted, naming the field."""
-    if not isinstance(entry, dict):
-        raise ValueError(f"{where}: the saved state is a {type(entry).__name__}, not a dict of 'step', 'exp_avg' "
-                         "and 'exp_avg_sq'")
-    need = ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
-    missing = [name for name in need if name not in entry]
-    if missing:
-        raise ValueError(f"{where}: the saved state lacks {', '.join(map(repr, missing))} (has "
-                         f"{sorted(map(str, entry))}); the file is damaged or was written by another optimizer")
-    step = entry["step"]
-    if isinstance(step, Tensor):
-        step = float(step) if step.numel() == 1 and not step.is_complex() else None
-    if not isinstance(step, (int, float)) or isinstance(step, bool) or not (0 <= step < math.inf) \
-            or not float(step).is_integer():
-        raise ValueError(f"{where}: field 'step' is {entry['step']!r}; it must be a whole number >= 0")
-    for name in need[1:]:
-        value = entry[name]
-        if not isinstance(value, Tensor) or not value.is_floating_point():
-            raise ValueError(f"{where}: field {name!r} is {type(value).__name__}"
-                             f"{'' if not isinstance(value, Tensor) else ' of ' + str(value.dtype)}, not a float "
-                             "tensor")
-        if tuple(value.shape) != shape:
-            raise ValueError(
-                f"the optimizer state does not fit: {where} has shape {shape} here, {tuple(value.shape)} in the saved "
-                f"state's {name}; it was saved for another mask or model. Load it into an optimizer over "
-                "keystone_parameters(model) of the same patched model.")
-        if not bool(torch.isfinite(value).all()):
-            raise ValueError(f"{where}: field {name!r} holds NaN or Inf values; the run that saved it diverged. Use an "
-                             "earlier checkpoint.")
-        if name in _SECOND_MOMENTS and bool((value < 0).any()):
-            raise ValueError(f"{where}: field {name!r} holds negative values (min {float(value.min()):.3g}); a second "
-                             "moment is never negative, so the file is damaged")
-
-
-def _check_saved_group(i: int, group: object) -> None:
-    if not isinstance(group, dict) or not isinstance(group.get("params"), list):
-        raise ValueError(f"the optimizer state's param group {i} is not a dict with a 'params' list")
-    lr, betas = group.get("lr", 0.0), group.get("betas", (0.0, 0.0))
-    lr = float(lr) if isinstance(lr, Tensor) and lr.numel() == 1 else lr
-    checks = {"lr": isinstance(lr, (int, float)) and 0 <= lr < math.inf,
-              "betas": isinstance(betas, (tuple, list)) and len(betas) == 2
-              and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)}
-    for name in ("eps", "weight_decay"):
-        value = group.get(name, 0.0)
-        checks[name] = isinstance(value, (int, float)) and 0 <= value < math.inf
-    bad = [name for name, ok in checks.items() if not ok]
-    if bad:
-        raise ValueError(f"the optimizer state's param group {i} has an invalid {bad[0]} ({group.get(bad[0])!r}); "
-                         "lr, eps and weight_decay must be finite and >= 0, betas two numbers in [0, 1)")
+    Raises ValueError when a bucket mixes replicated tensors with others, or tensors of two groups.
+    """
+    tags = [replica_group(p) for p in params]
+    groups = {id(t.group if t is not None else None): (t.group if t is not None else None) for t in tags}
+    if list(groups) == [id(None)]:
+        return None
+    if len(groups) > 1:
+        raise ValueError("a KeystoneAdamW param group mixes tensors of a model sharded by keystone_kernels.fully_shard "
+                         "with other tensors (or tensors of two sharded models); give each model its own optimizer")
+    layers = {}
+    for p in params:
+        found = owner_of(p)
+        if found is not None and found[0].sharded:
+            layers[id(found[0])] = found[0]
+    return ReplicaSync(next(iter(groups.values())), list(layers.values()))
 
 
 class _Bucket:
@@ -233,7 +171,7 @@ class _Bucket:
     def __init__(self, group: dict, params: list[Tensor], layout: FlatLayout, arenas: dict[str, Tensor],
                  grad_views: list[Tensor], step: Tensor, sync=None):
         self.group, self.params, self.layout, self.grad_views, self.step = group, params, layout, grad_views, step
-        self.sync = sync  # fsdp.ReplicaSync on a model sharded by keystone_kernels.fully_shard, else None
+        self.sync = sync  # a ReplicaSync on a model sharded by keystone_kernels.fully_shard, else None
         self.master, self.grad = arenas["master"], arenas["grad"]
         self.exp_avg, self.exp_avg_sq = arenas["exp_avg"], arenas["exp_avg_sq"]
         self.max_exp_avg_sq = arenas.get("max_exp_avg_sq")
@@ -380,6 +318,12 @@ class KeystoneAdamW(torch.optim.Optimizer):
                     raise ValueError(f"KeystoneAdamW steps fp32 master tensors; got a {p.dtype} parameter of shape "
                                      f"{tuple(p.shape)}")
 
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, **settings) -> KeystoneAdamW:
+        """The optimizer over ``keystone_parameters(model)`` (every keystone tensor of a patched model), with
+        ``settings`` as the constructor takes them. The one place the library builds it."""
+        return cls(keystone_parameters(model), **settings)
+
     # ------------------------------------------------------------------ torch.optim contract
 
     def add_param_group(self, param_group: dict) -> None:
@@ -390,13 +334,13 @@ class KeystoneAdamW(torch.optim.Optimizer):
         """torch's ``{"state", "param_groups"}`` plus ``"keystone_layout"``: each tensor's kind, shape and its
         layer's keystone rows and columns, so that a state of another mask is refused at load."""
         out = super().state_dict()
-        out[_LAYOUT_KEY] = [_describe(p) for g in self.param_groups for p in g["params"]]
+        out[LAYOUT_KEY] = [describe(p) for g in self.param_groups for p in g["params"]]
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's, after :meth:`_check_state` (nothing changes when it raises)."""
         self._check_state(state_dict)
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != _LAYOUT_KEY})
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != LAYOUT_KEY})
         self._buckets = None  # the loaded state is copied into fresh arenas on the next step
 
     def _check_state(self, state_dict: dict) -> None:
@@ -410,19 +354,19 @@ class KeystoneAdamW(torch.optim.Optimizer):
                              f"{sorted(map(str, state_dict)) if isinstance(state_dict, dict) else '-'}")
         saved_groups = state_dict["param_groups"]
         for i, group in enumerate(saved_groups):
-            _check_saved_group(i, group)
+            check_saved_group(i, group)
         params = [p for g in self.param_groups for p in g["params"]]
         if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in self.param_groups]:
             return  # torch's own check names this case
-        if _LAYOUT_KEY in state_dict:
-            _check_saved_layout(params, state_dict[_LAYOUT_KEY])
+        if LAYOUT_KEY in state_dict:
+            check_saved_layout(params, state_dict[LAYOUT_KEY])
         state = state_dict["state"]
         k = 0
         for group in saved_groups:
             for i in group["params"]:
                 if i in state:
                     p = params[k]
-                    _check_saved_tensor_state(f"the saved state of {_name(k, p)}", state[i], tuple(p.shape),
+                    check_saved_tensor_state(f"the saved state of {tensor_name(k, p)}", state[i], tuple(p.shape),
                                               bool(group.get("amsgrad", False)))
                 k += 1
 
@@ -507,7 +451,7 @@ class KeystoneAdamW(torch.optim.Optimizer):
             step = torch.tensor(step_count, dtype=torch.float32, device=step_device)
             for p in params:
                 self.state[p]["step"] = step  # one tensor per group, shared: torch's key, O(1) to advance
-            sync = fsdp.bucket_sync(params, layout, self.backend)
+            sync = _bucket_sync(params)
             buckets.append(_Bucket(group, params, layout, arenas, grad_views, step, sync))
         return buckets
 
@@ -590,7 +534,7 @@ class KeystoneAdamW(torch.optim.Optimizer):
             fused_adamw_scatter_unchecked(b.layout, b.master, b.grad, b.exp_avg, b.exp_avg_sq, b.max_exp_avg_sq,
                                           scalars=scalars, beta1=beta1, beta2=beta2, eps=eps, backend=self.backend)
             if b.sync is not None:
-                b.sync.scatter(b.master)
+                b.sync.scatter()
             b.step += 1  # only once the step went through
 
     def _step_on_device(self, active: list[_Bucket], hyper: list[tuple[float, float, float, float | None]],
@@ -631,4 +575,4 @@ class KeystoneAdamW(torch.optim.Optimizer):
             fused_adamw_scatter_unchecked(b.layout, b.master, b.grad, b.exp_avg, b.exp_avg_sq, b.max_exp_avg_sq,
                                           scalars=scalars, beta1=beta1, beta2=beta2, eps=eps, backend=self.backend)
             if b.sync is not None:
-                b.sync.scatter(b.master)  # a skipped step rewrites the unchanged values: harmless
+                b.sync.scatter()  # a skipped step rewrites the unchanged values: harmless

@@ -24,8 +24,8 @@ import sys
 import torch
 from torch import nn
 
-from . import arch
-from .mask import NeuronKey
+from .. import arch
+from ..mask import NeuronKey
 
 PROBE_PREFIX = "keystone_probe"
 

@@ -29,7 +29,14 @@ import os
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from safetensors.torch import load_file
+from torch import nn
+
+from ..nn.linear import KeystoneLinear
+from ..nn.parameter import bump_layout_epoch
+from ..ops.dispatch import BACKENDS
+from ..state import fingerprint_of, fingerprint_positions, keystone_modules, patch_state
+from ..utils.dtensor import copy_into
 
 __all__ = ["load_base_weights", "check_not_dispatched", "meta_backend", "watch_base_load"]
 
@@ -49,8 +56,6 @@ def check_not_dispatched(model: nn.Module) -> None:
 
 def meta_backend(backend: str | None) -> str:
     """The backend a model patched on the meta device keeps: checked, but resolved on first use on its real device."""
-    from .ops.dispatch import BACKENDS
-
     name = os.environ.get("KEYSTONE_BACKEND") or "auto" if backend is None else backend
     if not isinstance(name, str) or name.strip().lower() not in ("auto",) + BACKENDS:
         raise ValueError(f"{name!r} is not a keystone backend; valid: {', '.join(('auto',) + BACKENDS)}")
@@ -67,24 +72,20 @@ def watch_base_load(model: nn.Module, state) -> None:
     samples; the load hook keeps the base values there, and once every projection has them the
     fingerprint is set on ``model._keystone`` (it stays "" until then, and ``save_adapter`` refuses).
     """
-    from .patching import fingerprint_positions
-
     modules = [model.get_submodule(p) for p in state.paths]
     shapes = [(m.out_features, m.in_features) for m in modules]
     for module, positions in zip(modules, fingerprint_positions(shapes)):
-        module._fingerprint_at = positions
+        module.fingerprint_at = positions
     model.register_load_state_dict_post_hook(_after_load)
 
 
 def _after_load(model: nn.Module, incompatible=None) -> None:
     """Set the base fingerprint once every projection has seen its base weight (load_state_dict post-hook)."""
-    from .patching import fingerprint_of
-
     state = getattr(model, "_keystone", None)
     if state is None or state.base_fingerprint:
         return
     modules = [model.get_submodule(p) for p in state.paths]
-    samples = [getattr(m, "_fingerprint_sample", None) for m in modules]
+    samples = [m.fingerprint_sample for m in modules]
     if all(s is not None for s in samples):
         shapes = [(m.out_features, m.in_features) for m in modules]
         state.base_fingerprint = fingerprint_of(state.paths, shapes, samples)
@@ -114,8 +115,6 @@ def _reinit_non_persistent(model: nn.Module) -> None:
     and no parameters, so no weight is re-initialised.
     """
     init = getattr(model, "_init_weights", None)
-    from .linear import KeystoneLinear
-
     for module in model.modules():
         if isinstance(module, KeystoneLinear) or not module._non_persistent_buffers_set:
             continue
@@ -126,28 +125,6 @@ def _reinit_non_persistent(model: nn.Module) -> None:
                              f"and {type(model).__name__} has no _init_weights to re-create them")
         with torch.no_grad():
             init(module)
-
-
-def _copy_into(target: Tensor, value: Tensor, name: str) -> None:
-    """target.copy_(value); for a DTensor sharded by rows (FSDP2), only this rank's rows."""
-    from .optim import _is_dtensor
-
-    if _is_dtensor(target):
-        from torch.distributed.tensor import Replicate, Shard
-
-        local = target.to_local()
-        if tuple(target.placements) == (Replicate(),):
-            local.copy_(value)
-            return
-        if tuple(target.placements) != (Shard(0),):
-            raise ValueError(f"{name}: cannot load into a DTensor placed {target.placements} (rows only)")
-        chunk = -(-target.shape[0] // target.device_mesh.size())
-        lo = min(target.shape[0], target.device_mesh.get_local_rank() * chunk)
-        local.copy_(value[lo:lo + local.shape[0]])
-        return
-    if tuple(target.shape) != tuple(value.shape):
-        raise ValueError(f"{name}: checkpoint has shape {tuple(value.shape)}, the model {tuple(target.shape)}")
-    target.copy_(value)
 
 
 _BASE_NAMES = {"frozen_weight": "weight", "weight_rows": "weight", "weight_cols": "weight", "frozen_bias": "bias",
@@ -175,10 +152,7 @@ def load_base_weights(model: nn.Module, source, device: str | torch.device | Non
     Returns the model. Raises ValueError for a key the model does not have, a shape that differs,
     or a tensor of the model that no file held (nothing of the model is left uninitialised).
     """
-    from .linear import KeystoneLinear, _base_keys_to_patched
-    from .patching import _patch_state, keystone_modules
-
-    state = _patch_state(model)
+    state = patch_state(model)
     if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
         if device is None:
             raise ValueError("the model is on the meta device: pass device= (where to allocate it)")
@@ -193,19 +167,17 @@ def load_base_weights(model: nn.Module, source, device: str | torch.device | Non
         if isinstance(shard, dict):
             flat = dict(shard)
         else:
-            from safetensors.torch import load_file
-
             flat = load_file(str(shard))
         for path, module in modules.items():
             if f"{path}.weight" in flat or f"{path}.bias" in flat:
-                _base_keys_to_patched(module, flat, f"{path}.")
+                module.load_base_tensors(flat, f"{path}.")
         for name, value in flat.items():
             target = tensors.get(name)
             if target is None:
                 where = "the state dict" if isinstance(shard, dict) else shard
                 raise ValueError(f"{name} (in {where}) is not a tensor of this {type(model).__name__}: is it the "
                                  "checkpoint of the same architecture?")
-            _copy_into(target, value.to(target.dtype), name)
+            copy_into(target, value.to(target.dtype), name)
             loaded.add(id(target))
     persistent = model.state_dict(keep_vars=True)
     missing = list(dict.fromkeys(_base_name(n) for n, t in persistent.items() if id(t) not in loaded))
@@ -215,9 +187,7 @@ def load_base_weights(model: nn.Module, source, device: str | torch.device | Non
     for module in modules.values():
         if isinstance(module, KeystoneLinear):
             module.sync_frozen()  # the frozen copies of the keystone values, from the masters just loaded
-    from .linear import _bump_layout_epoch
-
-    _bump_layout_epoch()
+    bump_layout_epoch()
     _after_load(model)
     if not state.base_fingerprint:
         raise ValueError("the checkpoint did not hold every projection's weight, so the base fingerprint is unknown")

@@ -13,7 +13,7 @@ Trainer keeps doing everything else: schedule, gradient accumulation and clippin
 Several GPUs: run the same script under ``torchrun --nproc-per-node N`` or ``accelerate launch
 --multi_gpu``. The Trainer wraps the model in DDP, which (for a patched model) all-reduces only the
 keystone gradients and never broadcasts the frozen weights; ``KeystoneTrainer.train`` first checks
-that every rank holds the same model (:func:`~keystone_kernels.distributed.check_replicas`), and only
+that every rank holds the same model (:func:`~keystone_kernels.parallel.ddp.check_replicas`), and only
 rank 0 writes checkpoints.
 """
 
@@ -24,16 +24,17 @@ import os
 import torch
 from transformers import Trainer
 
-from .adapter import ADAPTER_NAME, load_adapter, save_adapter
-from .distributed import check_replicas, is_distributed
-from .optim import KeystoneAdamW
-from .patching import keystone_parameters
+from ..optim import KeystoneAdamW
+from ..parallel.ddp import check_replicas
+from ..patching import load_adapter
+from ..serialization.adapter import ADAPTER_NAME, save_adapter
+from ..utils.dist import is_distributed
 
 
 def keystone_optimizer(model: torch.nn.Module, args, backend: str | None = "auto") -> KeystoneAdamW:
     """KeystoneAdamW over ``model``'s keystone tensors, with the optimizer settings of TrainingArguments ``args``."""
-    return KeystoneAdamW(keystone_parameters(model), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                         eps=args.adam_epsilon, weight_decay=args.weight_decay, backend=backend)
+    return KeystoneAdamW.for_model(model, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                   eps=args.adam_epsilon, weight_decay=args.weight_decay, backend=backend)
 
 
 class KeystoneTrainer(Trainer):

@@ -15,6 +15,11 @@ import os
 import torch
 from torch import Tensor, nn
 
+from ..state import is_sharded, keystone_modules, patch_state
+from ..utils.dist import is_main_process
+from ..utils.dtensor import full_tensor
+from .adapter import ADAPTER_NAME, save_adapter
+
 __all__ = ["merged_state_dict", "SavePretrainedMerged", "install", "uninstall"]
 
 
@@ -22,21 +27,39 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None, master
     """The state dict of the plain model that :func:`~keystone_kernels.merge` would make, without merging.
 
     Each KeystoneLinear's entries are replaced by ``<path>.weight`` (``[out, in]``, or ``[in, out]``
-    for GPT-2 ``Conv1D``) and ``<path>.bias`` in ``dtype`` (default: the model's dtype before patching).
-    """
-    from .patching import _patch_state, keystone_modules
+    for GPT-2 ``Conv1D``) and ``<path>.bias`` in ``dtype`` (default: the model's dtype before
+    patching): the frozen matrix as the patched model computes with it, or with ``masters=True`` the
+    fp32 keystone values written in. Other tensors keep their dtype.
 
-    state = _patch_state(model)
+    A model sharded by :func:`~keystone_kernels.fully_shard` is gathered one tensor at a time (every
+    rank must call this, in step), onto rank 0's CPU only: the other ranks get an empty dict, so the
+    CPU memory is one model's, on one rank.
+    """
+    state = patch_state(model)
     dtype = dtype or state.original_dtype
+    sharded = is_sharded(model)
+    keep = is_main_process() or not sharded
     modules = keystone_modules(model)
     prefixes = tuple(f"{path}." for path in modules)
-    out = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+    out: dict[str, Tensor] = {}
     for path, module in modules.items():
-        weight, bias = module.merged_weight(dtype, masters=masters)
+        weight = full_tensor(module.frozen_weight)
+        bias = None if module.frozen_bias is None else full_tensor(module.frozen_bias)
+        if not keep:
+            continue
+        if sharded:
+            weight, bias = weight.cpu(), None if bias is None else bias.cpu()
+        weight, bias = module.merged_weight(dtype, masters=masters, weight=weight, bias=bias)
         out[f"{path}.weight"] = weight.t().contiguous() if module.transposed else weight
         if bias is not None:
             out[f"{path}.bias"] = bias
-    return out
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name.startswith(prefixes):
+            continue
+        full = full_tensor(t.detach())
+        if keep:
+            out[name] = full.cpu().clone() if sharded else full
+    return out if keep else {}
 
 
 class SavePretrainedMerged:
@@ -50,11 +73,7 @@ class SavePretrainedMerged:
         self.model = model
 
     def __call__(self, save_directory: str | os.PathLike, *args, state_dict=None, **kwargs):
-        from .adapter import ADAPTER_NAME, save_adapter
-
         model = self.model
-        from .fsdp import is_sharded
-
         if is_sharded(model):
             raise ValueError("this model is sharded by keystone_kernels.fully_shard: call keystone_kernels."
                              "save_merged(model, path) on every rank (it gathers the shards; rank 0 writes)")

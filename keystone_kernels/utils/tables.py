@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["format_table"]
+__all__ = ["format_table", "fmt", "percent"]
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence], markdown: bool = False) -> str:
@@ -22,3 +22,13 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence], markdown: boo
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def fmt(v, spec: str = ".3g") -> str:
+    """``format(v, spec)``, or ``-`` for a missing value (a table cell)."""
+    return "-" if v is None else format(v, spec)
+
+
+def percent(f: float) -> str:
+    """A fraction as a percentage without trailing zeros: 0.001 -> ``0.1%``."""
+    return f"{100 * f:g}%"

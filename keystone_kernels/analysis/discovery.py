@@ -29,9 +29,9 @@ from importlib import resources
 import torch
 from torch import nn
 
-from . import arch
+from .. import arch
+from ..mask import KeystoneMask, NeuronKey, layer_key
 from .decoding import DEFAULT_MAX_NEW_TOKENS, generate_responses
-from .mask import KeystoneMask, NeuronKey, _layer_key
 from .overlap import Overlap, overlap
 from .probe import Probe
 
@@ -402,7 +402,7 @@ def find_keystone(
                     KeystoneMask(select_top({k: v[i] for k, v in per.items()}, top_fraction, selection, rounding))
                     for i in range(len(group))])
     sizes = {k: len(v) for k, v in next(iter(scores.values())).items()}
-    meta_sizes = {f"{k[0]}/{_layer_key(k[1], k[2])}": n for k, n in sizes.items()}
+    meta_sizes = {f"{k[0]}/{layer_key(k[1], k[2])}": n for k, n in sizes.items()}
     for m in group_masks.values():
         m.metadata = {"sizes": meta_sizes}
     keystone = _intersection(list(group_masks.values()))

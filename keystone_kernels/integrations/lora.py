@@ -10,7 +10,7 @@ Two uses:
    them, :func:`save_lora` / :func:`load_lora_weights` / :func:`merge_lora` write, restore and fold
    them (a standard PEFT adapter folder: ``adapter_config.json`` + ``adapter_model.safetensors``).
 
-2. **Composition.** ``keystone_kernels.patch(peft_model, mask)`` (:func:`patch_peft_model`) puts
+2. **Composition.** ``keystone_kernels.patch(peft_model, mask)`` (:mod:`keystone_kernels.patching`) puts
    keystone rows / columns on the base model's projections and keeps the PEFT adapters that sit on
    *other* modules (for instance ``LoraConfig(target_modules=["lm_head"])``) trainable; one
    :class:`~keystone_kernels.KeystoneAdamW` steps both sets (:func:`composed_param_groups`).
@@ -28,50 +28,15 @@ Two uses:
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from . import arch
-
-PEFT_HINT = "install it with: pip install 'keystone-kernels[peft]' (or pip install peft)"
-_KEYSTONE_NAMES = ("weight_rows", "weight_cols", "bias_rows")
-
-
-def require_peft():
-    """The ``peft`` module, or an ImportError that says how to install it."""
-    try:
-        import peft
-    except ImportError as err:
-        raise ImportError(f"LoRA needs the optional package peft; {PEFT_HINT}") from err
-    return peft
-
-
-def is_peft_model(model: nn.Module) -> bool:
-    """True for a ``peft.PeftModel`` (never imports peft: a model cannot be one unless peft is loaded)."""
-    peft = sys.modules.get("peft")
-    return peft is not None and isinstance(model, peft.PeftModel)
-
-
-def base_model_of(model: nn.Module) -> nn.Module:
-    """The Transformers model inside a PeftModel (with the adapters injected), else ``model`` itself."""
-    return model.get_base_model() if is_peft_model(model) else model
-
-
-def _candidate_paths(model: nn.Module, family: arch.Family) -> list[str]:
-    """Paths of every decoder projection (q, k, v, o, gate, up, down) whatever module sits there now."""
-    names = dict.fromkeys(n for n in (family.q, family.k, family.v, family.o, family.gate, family.up, family.down) if n)
-    out = []
-    for i, layer in enumerate(arch.layers_of(model, family)):
-        for name in names:
-            try:
-                layer.get_submodule(name)
-            except AttributeError:
-                continue  # an MoE layer has experts instead of up / down
-            out.append(f"{family.layers}.{i}.{name}")
-    return out
+from .. import arch
+from ..state import is_patched, keystone_parameters, projection_paths
+from ..utils.peft import is_peft_model, require_peft
 
 
 def projection_targets(model: nn.Module, modules: dict | None = None) -> list[str]:
@@ -80,9 +45,7 @@ def projection_targets(model: nn.Module, modules: dict | None = None) -> list[st
     The short names (``["q_proj", ..., "down_proj"]``, what users write) when they match nothing
     else in the model, otherwise the full module paths.
     """
-    from .patching import _projection_paths
-
-    paths = _projection_paths(model, arch.family_for(model, modules))
+    paths = projection_paths(model, arch.family_for(model, modules))
     if not paths:
         raise ValueError(f"{type(model).__name__} has no decoder projections (nn.Linear / Conv1D) to put LoRA on")
     short = sorted({p.rsplit(".", 1)[-1] for p in paths})
@@ -114,8 +77,6 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float | None = None, dropout:
     is remembered on it for :func:`save_lora` / :func:`merge_lora`. Adapters are fp32 (``A: [r, in]``
     Kaiming-uniform, ``B: [out, r]`` zeros), also on a bf16 base.
     """
-    from .patching import is_patched
-
     peft = require_peft()
     if is_peft_model(model):
         raise ValueError("model is already a PeftModel; add_lora wraps a plain Transformers model")
@@ -161,8 +122,6 @@ def save_lora(model: nn.Module, folder: str | os.PathLike) -> None:
 
 def load_lora_weights(model: nn.Module, folder: str | os.PathLike) -> None:
     """Copy the adapter weights saved in ``folder`` (by :func:`save_lora`) into ``model``'s LoRA layers."""
-    from safetensors.torch import load_file
-
     peft = require_peft()
     path = Path(folder) / "adapter_model.safetensors"
     if not path.is_file():
@@ -182,47 +141,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 # ------------------------------------------------------------------------------------ composition
 
-def _tuner_layer_type():
-    return require_peft().tuners.tuners_utils.BaseTunerLayer
-
-
-def patch_peft_model(peft_model, mask, frozen_dtype: torch.dtype = torch.bfloat16, backend: str | None = "auto",
-                     modules: dict | None = None, train_bias: bool = True, other_dtype: torch.dtype | None = None):
-    """``keystone_kernels.patch`` for a ``peft.PeftModel``: keystone on the base projections, PEFT elsewhere.
-
-    The base model is patched as a plain one would be; the parameters PEFT left trainable (LoRA
-    ``A`` / ``B``, ``modules_to_save`` copies) stay trainable and keep their dtype (``other_dtype``
-    casts only the frozen rest). Raises ValueError, leaving the model untouched, when a PEFT layer
-    wraps a decoder projection, and for everything :func:`~keystone_kernels.patch` refuses.
-    Returns ``peft_model``.
-    """
-    from .patching import patch
-
-    base = peft_model.get_base_model()
-    family = arch.family_for(base, modules)
-    tuner = _tuner_layer_type()
-    wrapped = [p for p in _candidate_paths(base, family) if isinstance(base.get_submodule(p), tuner)]
-    if wrapped:
-        kind = type(base.get_submodule(wrapped[0])).__module__.split(".")[-2]
-        more = f" (and {len(wrapped) - 1} more)" if len(wrapped) > 1 else ""
-        raise ValueError(
-            f"cannot patch this PeftModel: a PEFT {kind} layer wraps the decoder projection {wrapped[0]}{more}, which "
-            "keystone patching replaces. Supported: PEFT adapters on modules other than the decoder projections (q, k, "
-            "v, o, gate, up, down), e.g. get_peft_model(model, LoraConfig(target_modules=['lm_head'])), with keystone "
-            "rows / columns on the projections; or LoRA alone (keystone_kernels.lora.add_lora, sft --mode lora); or "
-            "keystone alone (patch the plain model).")
-    adapters = [p for p in base.parameters() if p.requires_grad]
-    patch(base, mask, frozen_dtype=frozen_dtype, backend=backend, modules=modules, train_bias=train_bias)
-    keep = {id(p) for p in adapters}
-    for p in adapters:
-        p.requires_grad_(True)  # patch froze everything; PEFT's trainable set is the user's choice
-    if other_dtype is not None:
-        for name, p in base.named_parameters():
-            if id(p) not in keep and not name.endswith(_KEYSTONE_NAMES):
-                p.data = p.data.to(other_dtype)
-    return peft_model
-
-
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Trainable parameters that are not keystone tensors (PEFT adapters, ``modules_to_save`` copies)."""
     return [p for p in model.parameters() if p.requires_grad and getattr(p, "_keystone_kind", None) is None]
@@ -236,8 +154,6 @@ def composed_param_groups(model: nn.Module, adapter_lr: float | None = None,
     any: the other trainable tensors, fp32 (LoRA ``A`` / ``B``), updated with the same AdamW math in
     the same arenas; ``adapter_lr`` / ``adapter_weight_decay`` override the optimizer's defaults.
     """
-    from .patching import keystone_parameters
-
     groups = [{"params": keystone_parameters(model)}]
     adapters = adapter_parameters(model)
     bad = [tuple(p.shape) for p in adapters if p.dtype != torch.float32]

@@ -20,7 +20,7 @@ import itertools
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
-from .mask import KeystoneMask, NeuronKey
+from ..mask import KeystoneMask, NeuronKey
 
 
 @dataclass

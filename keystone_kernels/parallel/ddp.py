@@ -15,17 +15,21 @@ the optimizer's scatter, which every rank performs identically. So:
   checksum of every tensor and raises on any difference; ``keystone-kernels sft`` and
   :class:`~keystone_kernels.trainer.KeystoneTrainer` call it before training.
 
-Process-group helpers for the CLI (``torchrun``): :func:`init_from_env`, :func:`rank`,
-:func:`world_size`, :func:`is_main_process`, :func:`barrier`.
+Process-group helpers (rank, barrier, ``torchrun``'s group) are in :mod:`keystone_kernels.utils.dist`.
 """
 
 from __future__ import annotations
 
-import datetime
-import os
+import hashlib
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..nn.linear import KeystoneLinear
+from ..utils.dist import is_distributed
+from ..utils.dtensor import replicated_local
 
 __all__ = [
     "ReplicaMismatchError",
@@ -35,14 +39,7 @@ __all__ = [
     "check_replicas",
     "tensor_checksums",
     "reduction_checksum",
-    "is_distributed",
-    "rank",
-    "world_size",
-    "is_main_process",
-    "barrier",
-    "broadcast_object",
     "data_parallel",
-    "init_from_env",
 ]
 
 _IGNORE_ATTR = "_ddp_params_and_buffers_to_ignore"
@@ -63,8 +60,6 @@ def ddp_ignored_names(model: nn.Module) -> list[str]:
     ``frozen_bias``, ``rows``, ``cols``, ``col_rows``) and every non-persistent buffer of the model
     (derived from the config on each rank, never loaded, e.g. rotary ``inv_freq``).
     """
-    from .linear import KeystoneLinear
-
     names = []
     for mod_name, module in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
@@ -99,16 +94,6 @@ def unmark_for_ddp(model: nn.Module) -> None:
 
 _CHUNK = 251 * (1 << 14)  # 16-bit words per reduction, a multiple of 251 so every chunk has the same weights
 _MOD = (1 << 61) - 1  # a Mersenne prime: the per-tensor sums are reduced modulo it
-
-
-def _local(t: torch.Tensor) -> torch.Tensor | None:
-    """The tensor whose values every rank must share: plain tensors as they are, replicated DTensors'
-    local copy; None for a sharded DTensor (each rank holds a different part by design)."""
-    from torch.distributed.tensor import DTensor, Replicate
-
-    if isinstance(t, DTensor):
-        return t.to_local() if all(isinstance(p, Replicate) for p in t.placements) else None
-    return t
 
 
 def _words(t: torch.Tensor) -> torch.Tensor:
@@ -146,8 +131,6 @@ def tensor_checksums(tensors: list[torch.Tensor]) -> list[str]:
     CPU tensors: BLAKE2b of the raw bytes, dtype and shape (hashlib, about 0.7 GB/s on one core).
     Other devices: :func:`reduction_checksum`, computed where the tensor lives (memory-bound).
     """
-    import hashlib
-
     out, weights = [], {}
     for t in tensors:
         if t.is_meta:
@@ -166,7 +149,7 @@ def _replica_state(model: nn.Module) -> tuple[list[str], list[torch.Tensor]]:
     names, tensors = [], []
     for items in (model.named_parameters(), model.named_buffers()):
         for name, t in items:
-            local = _local(t)
+            local = replicated_local(t)
             if local is not None:
                 names.append(name)
                 tensors.append(local)
@@ -186,10 +169,6 @@ def check_replicas(model: nn.Module, group=None, max_listed: int = 5) -> str:
     Call it after loading and patching, before training: DDP does not broadcast the frozen weights
     of a patched model (see the module docstring), so nothing else would notice.
     """
-    import hashlib
-
-    import torch.distributed as dist
-
     names, tensors = _replica_state(model)
     sums = tensor_checksums(tensors)
     state = getattr(model, "_keystone", None)
@@ -220,52 +199,6 @@ def check_replicas(model: nn.Module, group=None, max_listed: int = 5) -> str:
         "model's frozen weights), and do not modify one rank's model after patching.")
 
 
-# ---------------------------------------------------------------------------------------- process group
-
-
-def is_distributed(group=None) -> bool:
-    """True inside an initialised process group of more than one rank."""
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
-
-
-def rank(group=None) -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
-
-
-def world_size(group=None) -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
-
-
-def is_main_process() -> bool:
-    """Rank 0 of the default group, or no process group at all: the process that writes files."""
-    return rank() == 0
-
-
-def barrier() -> None:
-    """``dist.barrier()`` when distributed, else nothing."""
-    import torch.distributed as dist
-
-    if is_distributed():
-        dist.barrier()
-
-
-def broadcast_object(obj, src: int = 0):
-    """``obj`` of rank ``src`` on every rank (picklable); ``obj`` itself when not distributed."""
-    import torch.distributed as dist
-
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def data_parallel(model: nn.Module, device: torch.device | None = None) -> nn.Module:
     """``model`` wrapped in DDP after :func:`check_replicas` when distributed, else ``model`` itself.
 
@@ -273,32 +206,6 @@ def data_parallel(model: nn.Module, device: torch.device | None = None) -> nn.Mo
     """
     if not is_distributed():
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
     check_replicas(model)
     device = device or next(model.parameters()).device
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def init_from_env(timeout_s: float | None = None, device: str | torch.device | None = None) -> torch.device:
-    """Join the process group that ``torchrun`` describes in the environment; return this rank's device.
-
-    Without ``WORLD_SIZE`` > 1 in the environment, nothing is initialised and ``device`` (default:
-    cuda when present, else cpu) is returned. Otherwise the backend is NCCL for CUDA and gloo for
-    the CPU, ``timeout_s`` bounds every collective (a hung rank makes the others fail after it
-    instead of waiting 30 minutes, torch's default), and each rank takes ``cuda:LOCAL_RANK``.
-    """
-    import torch.distributed as dist
-
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return device
-    if timeout_s is not None and not timeout_s > 0:
-        raise ValueError(f"the process-group timeout must be > 0 seconds, got {timeout_s}")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
-    return device

@@ -16,13 +16,30 @@ from importlib import resources
 import torch
 from torch import nn
 
-from . import arch
-from .linear import KeystoneLinear
-from .mask import KeystoneMask
-from .tables import format_table  # noqa: F401  (re-exported: verify.format_table)
+from .. import arch
+from ..mask import KeystoneMask
+from ..nn.linear import KeystoneLinear
+from ..parallel.fsdp import reshard
+from ..state import is_sharded
 
 
 # ---------------------------------------------------------------------------------------- edits
+def _editable_rows(model: nn.Module, key: str, sharded: bool) -> tuple[torch.Tensor, int, int]:
+    """``(weight, lo, hi)``: the ``[hi - lo, in]`` part of weight ``key`` that this process edits (its global rows
+    ``[lo, hi)``): the whole weight, or on a model sharded by ``fully_shard`` this rank's rows of a patched one."""
+    try:
+        module = model.get_submodule(key)
+    except AttributeError:
+        module = None
+    if isinstance(module, KeystoneLinear):
+        return module.local_frozen()
+    if sharded:
+        raise ValueError(f"{key} is not a projection patched by keystone_kernels.patch; on a sharded model "
+                         "scale / ablate edit patched projections only")
+    weight, _ = arch.weight_2d(model, key)
+    return weight, 0, weight.shape[0]
+
+
 @contextlib.contextmanager
 def scale(model: nn.Module, mask: KeystoneMask, factor: float, modules: dict | None = None) -> Iterator[nn.Module]:
     """Multiply every weight the mask owns by ``factor`` inside the block; restore bit-exactly after.
@@ -30,23 +47,25 @@ def scale(model: nn.Module, mask: KeystoneMask, factor: float, modules: dict | N
     Rows own their whole row, columns their entries outside the mask's rows (docs/design.md section 1),
     so each element is scaled once. The mask is validated before anything is touched; the original
     values are restored on exit, also when the block raises. ``factor=0`` is :func:`ablate`.
-    """
-    from .fsdp import is_sharded, scaled_shards
 
-    if is_sharded(model):  # keystone_kernels.fully_shard: each rank edits the rows of its shard
-        with scaled_shards(model, mask, factor, modules):
-            yield model
-        return
+    On a patched model the frozen weights are edited (the fp32 masters keep their values; the next
+    optimizer step or ``sync_frozen`` writes them back). On a model sharded by ``fully_shard`` each
+    rank edits the rows it holds.
+    """
     indices = mask.weight_indices(model, modules)  # raises before any edit
+    sharded = is_sharded(model)
     for m in model.modules():  # an edit of a keystone tensor that no forward has seen yet: scatter it now, or the
         if isinstance(m, KeystoneLinear):  # first forward inside the block would, over the ablated weights
             m.refresh()
+    if sharded:
+        reshard(model)  # the shards are what the next forward all-gathers
     saved = []
     try:
         with torch.no_grad():
             for key, ind in indices.items():
-                weight, _ = arch.weight_2d(model, key)
-                rows, cols = ind.rows.to(weight.device), ind.cols.to(weight.device)
+                weight, lo, hi = _editable_rows(model, key, sharded)
+                rows = ind.rows[(ind.rows >= lo) & (ind.rows < hi)] - lo
+                rows, cols = rows.to(weight.device), ind.cols.to(weight.device)
                 saved.append((weight, rows, weight[rows].clone(), cols, weight[:, cols].clone()))
             for weight, rows, row_vals, cols, col_vals in saved:
                 weight[rows] = row_vals * factor if factor != 0 else torch.zeros_like(row_vals)
@@ -62,6 +81,8 @@ def scale(model: nn.Module, mask: KeystoneMask, factor: float, modules: dict | N
             for weight, rows, row_vals, cols, col_vals in reversed(saved):
                 weight[:, cols] = col_vals
                 weight[rows] = row_vals
+        if sharded:
+            reshard(model)
 
 
 def ablate(model: nn.Module, mask: KeystoneMask, modules: dict | None = None):

@@ -1,0 +1,1 @@
+"""Beside other libraries: the PEFT LoRA baseline, transformers' Trainer."""

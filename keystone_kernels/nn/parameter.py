@@ -1,0 +1,151 @@
+"""Keystone tensors: the parameter class, its tag back to its layer, and the layout epoch.
+
+A keystone tensor is a :class:`KeystoneParameter` tagged with a weak reference to the
+:class:`~keystone_kernels.nn.linear.KeystoneLinear` that owns it and its kind (``"rows"``,
+``"cols"``, ``"bias"``; :data:`KIND_ATTRS` names the layer attribute of each). Optimizers find
+the frozen weight a tensor writes into through :func:`owner_of`, and rebuild what they cached
+about tensors when :func:`layout_epoch` changes.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["KIND_ATTRS", "KEYSTONE_ATTRS", "KeystoneParameter", "OwnerRef", "rebind_data", "layout_epoch",
+           "bump_layout_epoch", "register_layer", "has_live_layers", "find_owner", "owner_of"]
+
+#: kind of keystone tensor -> the KeystoneLinear attribute that holds it
+KIND_ATTRS = {"rows": "weight_rows", "cols": "weight_cols", "bias": "bias_rows"}
+KEYSTONE_ATTRS = tuple(KIND_ATTRS.values())
+
+# Bumped whenever a KeystoneLinear's tensors may have moved or gone: ``.to()`` / ``.cuda()`` /
+# ``.half()`` (``_apply``), merge, a ``p.data = x``, or the module being freed. KeystoneAdamW compares
+# it once per step and rebuilds its flat layout when it changed, so a cached address never outlives
+# its tensor.
+_layout_epoch = [0]
+_set_data = torch._C.TensorBase.data.__set__  # torch's own ``p.data = t``: no version bump, no epoch bump
+
+# Every live KeystoneLinear, so that the optimizer can tell a keystone tensor that lost its tag (a
+# wrapper replaced the parameter object) from a plain parameter: see :func:`find_owner`.
+_live: weakref.WeakSet = weakref.WeakSet()
+
+
+def layout_epoch() -> int:
+    """A counter that changes whenever any KeystoneLinear's frozen or keystone tensors may have moved."""
+    return _layout_epoch[0]
+
+
+def bump_layout_epoch() -> None:
+    _layout_epoch[0] += 1
+
+
+class KeystoneParameter(nn.Parameter):
+    """An fp32 keystone tensor of a KeystoneLinear: an ``nn.Parameter`` whose every edit is visible.
+
+    torch's ``p.data`` is an alias with a version counter of its own, so ``p.data.copy_(x)`` would
+    change the values without ``p._version`` moving, and the layer could not tell that its frozen
+    weight is stale. Here ``p.data`` is ``p.detach()`` (the same memory and the same version
+    counter), and assigning ``p.data = x`` bumps the version and the layout epoch (an optimizer's
+    arena no longer holds the tensor). Everything else is ``nn.Parameter``.
+    """
+
+    @property
+    def data(self) -> Tensor:
+        return self.detach()
+
+    @data.setter
+    def data(self, value: Tensor) -> None:
+        _set_data(self, value)
+        torch.autograd.graph.increment_version(self)
+        bump_layout_epoch()
+
+    def __repr__(self) -> str:
+        return "KeystoneParameter containing:\n" + repr(self.detach())
+
+
+def rebind_data(p: Tensor, storage: Tensor) -> None:
+    """Point ``p`` at ``storage`` (same shape, dtype and values) without marking it edited.
+
+    For an optimizer that moves keystone tensors into its own arenas: the values do not change, so
+    neither the version nor the layout epoch moves (``p.data = storage`` would bump both).
+    """
+    _set_data(p, storage)
+
+
+class OwnerRef:
+    """A weak reference from a keystone tensor to its KeystoneLinear that survives pickling.
+
+    ``weakref.ref`` itself cannot be pickled, and ``torch.save(model)`` pickles each Parameter with
+    its attributes. This one pickles as a dead reference; the layer re-tags its tensors when it is
+    unpickled (``KeystoneLinear.__setstate__``).
+    """
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, owner=None):
+        self._ref = weakref.ref(owner) if owner is not None else None
+
+    def __call__(self):
+        return self._ref() if self._ref is not None else None
+
+    def __reduce__(self):
+        return (OwnerRef, ())
+
+
+def register_layer(layer: nn.Module) -> None:
+    """Count ``layer`` among the live KeystoneLinear modules; its finalisation bumps the layout epoch."""
+    _live.add(layer)
+    weakref.finalize(layer, bump_layout_epoch)
+
+
+def has_live_layers() -> bool:
+    return bool(_live)
+
+
+def find_owner(p: Tensor) -> tuple[nn.Module, str] | None:
+    """``(module, attribute)`` of the live KeystoneLinear that holds ``p`` as a keystone tensor, or None.
+
+    O(number of KeystoneLinear modules); the optimizer calls it only for untagged tensors, once per layout.
+    """
+    for module in list(_live):
+        for attr in KEYSTONE_ATTRS:
+            if module._parameters.get(attr) is p:
+                return module, attr
+    return None
+
+
+def owner_of(p: Tensor) -> tuple[nn.Module, str] | None:
+    """``(layer, kind)`` of the live KeystoneLinear whose keystone tensor ``p`` is, or None for a plain tensor.
+
+    kind is ``"rows"``, ``"cols"`` or ``"bias"``. Raises ValueError, saying what to do, where stepping
+    ``p`` would update nothing the model uses: its layer was merged or freed, a wrapper replaced
+    the layer's tensor after ``p`` was taken (``p`` is not its layer's any more), or a wrapper
+    replaced the parameter object and it lost its tag (FSDP1, torch's ``fully_shard``).
+    """
+    owner_ref = getattr(p, "_keystone_owner", None)
+    if owner_ref is None:
+        found = find_owner(p) if _live else None
+        if found is not None:
+            raise ValueError(
+                f"the {found[1]} tensor of shape {tuple(p.shape)} of a KeystoneLinear has lost its keystone tag (a "
+                "wrapper such as FSDP1 or torch's fully_shard replaced the parameter object), so the optimizer cannot "
+                "find the frozen weight it must update. Wrap the patched model with DDP or "
+                "keystone_kernels.fully_shard, and build the optimizer from keystone_parameters(model) afterwards.")
+        return None
+    owner = owner_ref()
+    if owner is None or owner.retired:
+        raise ValueError(
+            f"a keystone tensor of shape {tuple(p.shape)} belongs to a KeystoneLinear that was "
+            f"{'freed' if owner is None else 'merged'}: stepping it would update nothing the model uses. "
+            "Build a new optimizer over keystone_parameters(model) of the live patched model.")
+    kind = p._keystone_kind
+    if owner._parameters.get(KIND_ATTRS[kind]) is not p:
+        raise ValueError(
+            f"a keystone tensor of shape {tuple(p.shape)} is no longer its module's {KIND_ATTRS[kind]} (a wrapper "
+            "such as torch's fully_shard replaced it after the optimizer was built): stepping it would update "
+            "nothing the model uses. Shard with keystone_kernels.fully_shard(model) first, then build the optimizer "
+            "from keystone_parameters(model).")
+    return owner, kind

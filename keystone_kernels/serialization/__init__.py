@@ -1,0 +1,1 @@
+"""Keystone adapters (the trained values only) and the merged save of a patched model."""

@@ -1,0 +1,1 @@
+"""The bottom layer: small utilities that import nothing else of the package."""
