@@ -22,6 +22,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from .bench.shapes import SHAPES, Shape, build_model, synthetic_mask
 
 __all__ = ["Figures", "figures", "ddp_gradient_bytes", "report", "add_multigpu_command", "LLAMA_70B"]
@@ -148,8 +150,7 @@ def cmd_multigpu(args) -> int:
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    import torch
-    import transformers
+    import transformers  # the version, for the record (seconds to import)
 
     info = {"computed_from": "model shapes and synthetic masks (bench.shapes.synthetic_mask, seed 0); nothing timed",
             "torch": torch.__version__, "transformers": transformers.__version__}

@@ -28,6 +28,7 @@ from importlib import resources
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .. import arch
 from ..mask import KeystoneMask, NeuronKey, layer_key
@@ -365,8 +366,6 @@ def find_keystone(
     Returns:
         :class:`Discovery`, whose ``mask`` is the intersection over groups.
     """
-    from tqdm.auto import tqdm
-
     prompts = _check_prompts(default_prompts() if prompts is None else prompts)
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from ..utils.profiling import peak_memory
 
@@ -163,8 +164,6 @@ def copy_bandwidth(device: str | torch.device, nbytes: int | None = None) -> dic
 def count_launches(fn: Callable[[], object]) -> int | None:
     """Kernels (and memcpy / memset) that one call of ``fn`` runs on the CUDA device (None if unknown)."""
     try:
-        from torch.profiler import ProfilerActivity, profile
-
         torch.cuda.synchronize()
         with quiet_stderr(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             fn()

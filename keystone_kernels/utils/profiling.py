@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -40,8 +41,6 @@ def peak_memory(fn: Callable[[], object], device: str | torch.device = "cpu") ->
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - start
-    from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     records = sorted(
