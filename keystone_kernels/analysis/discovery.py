@@ -367,16 +367,7 @@ def find_keystone(
         :class:`Discovery`, whose ``mask`` is the intersection over groups.
     """
     prompts = _check_prompts(default_prompts() if prompts is None else prompts)
-    if selection not in SELECTIONS:
-        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-    if not 0 < top_fraction <= 1:
-        raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
-    if positions not in POSITIONS:
-        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
-    if group_pool not in GROUP_POOLS:
-        raise ValueError(f"group_pool must be one of {GROUP_POOLS}, got {group_pool!r}")
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    _check_choices(top_fraction, selection, positions, group_pool, rounding)
     types = arch.resolve_types(types)
     use_chat = use_chat_template(tokenizer, chat, positions)
     generate = positions == "generate"
@@ -393,13 +384,8 @@ def find_keystone(
             recorded[name] = sum(rec.tokens)
             if rec.responses is not None:
                 responses[name] = tokenizer.batch_decode(rec.responses, skip_special_tokens=True)
-            if group_pool == "tokens":
-                group_masks[name] = KeystoneMask(select_top(scores[name], top_fraction, selection, rounding))
-            else:
-                per = rec.per_prompt()
-                group_masks[name] = _intersection([
-                    KeystoneMask(select_top({k: v[i] for k, v in per.items()}, top_fraction, selection, rounding))
-                    for i in range(len(group))])
+            group_masks[name] = _group_mask(rec, scores[name], len(group), top_fraction, selection, rounding,
+                                            group_pool)
     sizes = {k: len(v) for k, v in next(iter(scores.values())).items()}
     meta_sizes = {f"{k[0]}/{layer_key(k[1], k[2])}": n for k, n in sizes.items()}
     for m in group_masks.values():
@@ -419,12 +405,39 @@ def find_keystone(
         "group_pool": group_pool,
         "groups": {n: len(g) for n, g in prompts.items()},
         "recorded_tokens": recorded,
-        "iou": stats.iou,
-        "overlap_vs_single": stats.overlap_vs_single,
-        "pairwise_iou": stats.pairwise_iou,
-        "overlap_by_type": {t: {"iou": r.iou, "overlap_vs_single": r.overlap_vs_single}
-                            for t, r in stats.by_type.items()},
+        **_overlap_metadata(stats),
         "total_neurons": total,
         "sizes": meta_sizes,
     }
     return Discovery(keystone, group_masks, stats.pairwise_iou, stats.iou, scores, total, stats, recorded, responses)
+
+
+def _check_choices(top_fraction: float, selection: str, positions: str, group_pool: str, rounding: str) -> None:
+    """ValueError naming the first of :func:`find_keystone`'s options that is not one it knows."""
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    if not 0 < top_fraction <= 1:
+        raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+    if group_pool not in GROUP_POOLS:
+        raise ValueError(f"group_pool must be one of {GROUP_POOLS}, got {group_pool!r}")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+
+
+def _group_mask(rec, pooled: dict, n_prompts: int, top_fraction: float, selection: str, rounding: str,
+                group_pool: str) -> KeystoneMask:
+    """One group's selection: the top of its pooled scores (``"tokens"``), or the intersection of each
+    prompt's own top set (``"prompts"``, the paper's way)."""
+    if group_pool == "tokens":
+        return KeystoneMask(select_top(pooled, top_fraction, selection, rounding))
+    per = rec.per_prompt()
+    return _intersection([KeystoneMask(select_top({k: v[i] for k, v in per.items()}, top_fraction, selection, rounding))
+                          for i in range(n_prompts)])
+
+
+def _overlap_metadata(stats) -> dict:
+    return {"iou": stats.iou, "overlap_vs_single": stats.overlap_vs_single, "pairwise_iou": stats.pairwise_iou,
+            "overlap_by_type": {t: {"iou": r.iou, "overlap_vs_single": r.overlap_vs_single}
+                                for t, r in stats.by_type.items()}}

@@ -40,7 +40,7 @@ def lora_flop_bound(shape: Shape, batch: int, seq: int, lora_params: int, keysto
     """GEMM FLOPs of a LoRA train step over those of a keystone one (:func:`train_step_flops`): the most
     keystone can gain by FLOPs alone. Both skip the dense weight gradient; LoRA adds ``x A^T``, ``(x A^T) B^T``
     and their input and weight gradients, ``6 T`` FLOPs per adapter weight; keystone adds ``2 T`` per keystone
-    weight. (At SmolLM2-135M, 4 x 128, 0.1%: 1.03x at r=8, 1.05x at r=16, 1.21x at r=64.)"""
+    weight. The values of the committed runs are in bench/results (the ``FLOP bound`` column)."""
     k = train_step_flops(shape, batch, seq, keystone_params)
     return (k["forward"] + k["input_grad"] + 6 * batch * seq * lora_params) / k["total"]
 

@@ -330,8 +330,9 @@ class KeystoneLinear(nn.Module):
     def refresh(self) -> bool:
         """Re-scatter the keystone values when a tensor was edited since the last scatter; True when it did.
 
-        The eager forward calls this (about 1 us), and so do merge and ablate. A sharded layer is left
-        to the optimizer and :meth:`sync_frozen` (FSDP2 holds it unsharded during the forward).
+        The eager forward calls this (its cost: bench/results/any_optimizer_ab), and so do merge and
+        ablate. A sharded layer is left to the optimizer and :meth:`sync_frozen` (FSDP2 holds it
+        unsharded during the forward).
         """
         if self._synced_versions == self._keystone_versions() or self.sharded or self.frozen_weight.is_meta:
             return False

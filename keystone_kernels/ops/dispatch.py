@@ -282,8 +282,8 @@ def fused_adamw_scatter_unchecked(layout: FlatLayout, master: Tensor, grad: Tens
                                   exp_avg_sq: Tensor, max_exp_avg_sq: Tensor | None, *,
                                   scalars: tuple[float, float, float, float] | Tensor, beta1: float, beta2: float,
                                   eps: float, backend: str | None = None) -> None:
-    """:func:`fused_adamw_scatter` without its argument checks (measured: 3.5-4 us of Python per call
-    on this project's 2-core CPU machine, of a 50-80 us step over 24 tiny tensors with ``ext``).
+    """:func:`fused_adamw_scatter` without its argument checks (their host cost, measured, is in
+    docs/design.md section 6).
 
     For a caller that allocated the arenas from ``layout`` itself and checked the hyperparameters
     once: :class:`~keystone_kernels.optim.KeystoneAdamW`. Arenas of the wrong size or device are

@@ -128,7 +128,7 @@ def reduction_checksum(t: torch.Tensor, weights: dict | None = None) -> str:
 def tensor_checksums(tensors: list[torch.Tensor]) -> list[str]:
     """One exact fingerprint per tensor, comparable across ranks whose tensors are on the same device type.
 
-    CPU tensors: BLAKE2b of the raw bytes, dtype and shape (hashlib, about 0.7 GB/s on one core).
+    CPU tensors: BLAKE2b of the raw bytes, dtype and shape (hashlib, one core).
     Other devices: :func:`reduction_checksum`, computed where the tensor lives (memory-bound).
     """
     out, weights = [], {}
@@ -163,7 +163,7 @@ def check_replicas(model: nn.Module, group=None, max_listed: int = 5) -> str:
     frozen weights, keystone tensors and index buffers of a patched model included; FSDP-sharded
     tensors are skipped, each rank holding its own part), plus the patched mask and base
     fingerprint, through one ``all_gather_object`` of a few bytes per tensor. Costs one read of the
-    model's weights (0.9 s for a patched SmolLM2-135M, 326 MB, on the 2-core CPU). Returns the
+    model's weights (README, "Multi-GPU", gives the time measured on the default model). Returns the
     digest all ranks share (also without a process group, where it checks nothing).
 
     Call it after loading and patching, before training: DDP does not broadcast the frozen weights

@@ -1,7 +1,7 @@
 """DTensor checks and row-shard arithmetic, without importing ``torch.distributed.tensor`` up front.
 
-Importing that module costs seconds at every process start (2.8 s measured on the 2-core dev
-machine), and no DTensor can exist until someone has imported it, so these helpers look it up in
+Importing that module costs seconds at every process start (docs/design.md section 2 lists the
+measured import costs), and no DTensor can exist until someone has imported it, so these helpers look it up in
 ``sys.modules`` and import its names only once a DTensor is in hand.
 """
 
