@@ -9,10 +9,10 @@ and third-party imports inside functions only for the reasons in :data:`LAZY_THI
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
+from import_graph import imports, module_names
 
 import keystone_kernels as kk
 
@@ -68,45 +68,7 @@ LAZY_THIRD_PARTY = {
 }
 
 
-def _module_names() -> dict[str, Path]:
-    out = {}
-    for f in PACKAGE.rglob("*.py"):
-        parts = list(f.relative_to(PACKAGE).with_suffix("").parts)
-        if parts[-1] == "__init__":
-            parts = parts[:-1]
-        out[".".join(parts)] = f
-    return out
-
-
-MODULES = _module_names()
-
-
-def _imports(name: str):
-    """(imported module, imported name or None, inside a function, line) for every import in module ``name``."""
-    path = MODULES[name]
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    in_function = {id(n) for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
-                   for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))}
-    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
-    package = [p for p in package if p]
-    for node in ast.walk(tree):
-        lazy = id(node) in in_function
-        if isinstance(node, ast.Import):
-            for a in node.names:
-                yield a.name, None, lazy, node.lineno, False
-        elif isinstance(node, ast.ImportFrom):
-            if node.level == 0:
-                for a in node.names:
-                    yield node.module, a.name, lazy, node.lineno, False
-                continue
-            base = package[: len(package) - node.level + 1]
-            target = ".".join(base + ([node.module] if node.module else []))
-            for a in node.names:
-                sub = f"{target}.{a.name}".strip(".")
-                if sub in MODULES:  # from . import arch: the module arch
-                    yield sub, None, lazy, node.lineno, True
-                else:
-                    yield target, a.name, lazy, node.lineno, True
+MODULES = module_names(PACKAGE)
 
 
 def test_every_module_is_placed_once():
@@ -119,7 +81,7 @@ def test_every_module_is_placed_once():
 def test_imports_point_down(name):
     rank = {m: i for i, m in enumerate(LAYERS)}
     problems = []
-    for target, symbol, lazy, line, relative in _imports(name):
+    for target, symbol, lazy, line, relative in imports(MODULES, name):
         top = target.split(".")[0]
         if relative:
             if target not in rank:
