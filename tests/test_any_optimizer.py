@@ -230,22 +230,29 @@ def test_a_replaced_parameter_object_is_tagged_and_seen():
     assert torch.equal(m.frozen_weight[m.rows], new.detach().bfloat16())
 
 
+def _steps_counting_syncs(monkeypatch, model, opt, ids, steps: int) -> list:
+    """Take ``steps`` training steps; one entry per KeystoneLinear.sync_frozen call made meanwhile."""
+    from keystone_kernels.nn.linear import KeystoneLinear
+
+    syncs = []
+    real = KeystoneLinear.sync_frozen
+    monkeypatch.setattr(KeystoneLinear, "sync_frozen", lambda self, *a, **k: syncs.append(1) or real(self, *a, **k))
+    for _ in range(steps):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    return syncs
+
+
 def test_keystone_adamw_steps_do_not_rescatter_in_the_forward(monkeypatch):
     """The version check costs no scatter when only KeystoneAdamW writes."""
-    from keystone_kernels.nn.linear import KeystoneLinear
 
     model = _patched()
     opt = KeystoneAdamW(keystone_parameters(model), lr=1e-2, backend="reference")
     ids = _ids()
     model(input_ids=ids, labels=ids).loss.backward()
     opt.step()
-    syncs = []
-    real = KeystoneLinear.sync_frozen
-    monkeypatch.setattr(KeystoneLinear, "sync_frozen", lambda self, *a, **k: syncs.append(1) or real(self, *a, **k))
-    for _ in range(3):
-        opt.zero_grad()
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
+    syncs = _steps_counting_syncs(monkeypatch, model, opt, ids, steps=3)
     assert syncs == []
 
 
@@ -296,7 +303,6 @@ def test_a_wrapped_optimizer_is_scattered_once_per_step(inner, monkeypatch):
     from accelerate import Accelerator
     from accelerate.optimizer import AcceleratedOptimizer
 
-    from keystone_kernels.nn.linear import KeystoneLinear
 
     model = _patched()
     params = keystone_parameters(model)
@@ -305,13 +311,7 @@ def test_a_wrapped_optimizer_is_scattered_once_per_step(inner, monkeypatch):
     assert isinstance(opt, AcceleratedOptimizer)
     ids = _ids()
     first = _loss(model, ids)
-    syncs = []
-    real = KeystoneLinear.sync_frozen
-    monkeypatch.setattr(KeystoneLinear, "sync_frozen", lambda self, *a, **k: syncs.append(1) or real(self, *a, **k))
-    for _ in range(3):
-        opt.zero_grad()
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
+    syncs = _steps_counting_syncs(monkeypatch, model, opt, ids, steps=3)
     layers = sum(1 for m in keystone_modules(model).values() if m.keystone_parameters())
     assert len(syncs) == (0 if inner == "keystone" else 3 * layers)
     assert _loss(model, ids) < first - 1e-3
