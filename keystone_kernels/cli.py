@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from . import commands
+from . import commands, sft_config
 from .bench import add_bench_command
 from .multigpu import add_multigpu_command
 from .utils.dist import is_distributed
@@ -98,10 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sft", help="supervised fine-tuning: keystone-only, random mask, or full")
     _add_model_args(p)
     _add_sft_args(p)
-    p.add_argument("--mode", default="keystone", choices=["keystone", "random", "lora", "full"],
+    p.add_argument("--mode", default="keystone", choices=list(sft_config.MODES),
                    help="random: a random mask with as many neurons and trainable weights per projection as the "
-                        "keystone one; lora: PEFT LoRA (rank --lora-r) on the seven decoder projections, torch AdamW")
+                        "keystone one; lora: PEFT LoRA (rank --lora-r) on the seven decoder projections, torch AdamW; "
+                        "paper: the recipe the paper's code runs (keystone rows / columns plus gate_proj, norms, "
+                        "embeddings, lm_head and biases), with its controls paper-without-keystone and paper-random")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: per mode, see README)")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="AdamW weight decay (default: 0.01 in the paper modes, else 0)")
+    p.add_argument("--warmup-ratio", type=float, default=None,
+                   help="warm-up fraction of the steps (default: 0.03 in the paper modes, else 0.1)")
+    p.add_argument("--schedule", default=None, choices=list(sft_config.SCHEDULES),
+                   help="learning-rate schedule after warm-up (default: linear in the paper modes, else cosine)")
     p.add_argument("--output", required=True, help="output folder (adapter, checkpoints, metrics.json)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in OUTPUT from its newest checkpoint that loads; a setting (lr, seed, "
@@ -123,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lrs-lora", type=float, nargs="*", default=[3e-4, 1e-3, 3e-3],
                    help="PEFT LoRA (rank --lora-r) learning rates; none to leave LoRA out (needs peft)")
     p.add_argument("--lrs-full", type=float, nargs="*", default=[1e-5, 3e-5, 1e-4])
+    for mode in sft_config.PAPER_MODES:
+        p.add_argument(f"--lrs-{mode}", type=float, nargs="*", default=[],
+                       help=f"{mode}: learning rates (default: none, the mode is left out)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="train every (mode, lr) with seeds 0..N-1 and report the mean and spread (default 1)")
     p.add_argument("--eval-items", type=int, default=100)
     p.add_argument("--output", default="compare_out")
     p.set_defaults(func=commands.cmd_compare)

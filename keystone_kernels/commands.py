@@ -20,6 +20,7 @@ from .mask import KeystoneMask, sidecar_path
 from .models import load_model
 from .reports import collapse_summary, discovery_summary
 from .sft_data import load_sft_dataset
+from .sft_modes import mode_of
 from .tasks import eval_items, resolve_data
 from .utils.dist import broadcast_object, init_from_env, is_distributed, is_main_process, rank
 from .utils.io import ensure_writable_dir
@@ -122,11 +123,12 @@ def cmd_sft(args) -> int:
     model, tokenizer = _load(args)
     config = sft.SFTConfig(mode=args.mode, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                            grad_accum=args.grad_accum, seed=args.seed, backend=args.backend,
-                           eval_every=args.eval_every, save_every=args.save_every, lora_r=args.lora_r)
+                           eval_every=args.eval_every, save_every=args.save_every, lora_r=args.lora_r,
+                           weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, schedule=args.schedule)
     dataset = _dataset(args, model, tokenizer)
     items = eval_items(args.data, args.eval)
     mask, origin = None, {}
-    if args.mode not in ("full", "lora"):
+    if mode_of(args.mode).needs_mask:
         if args.mask is None and (not args.resume or args.top_fraction is not None):
             origin["top_fraction"] = _top_fraction(args)  # a resume compares it with the run's
         if args.resume and sft.latest_checkpoint(args.output) is not None:
@@ -171,11 +173,12 @@ def cmd_compare(args) -> int:
         raise ValueError("comparisons need an eval set with prompt/answer rows (--eval)")
     mask = _mask_or_find(args, model, tokenizer)
     grid = {"keystone": args.lrs_keystone, "random": args.lrs_random, "lora": args.lrs_lora, "full": args.lrs_full}
+    grid |= {m: getattr(args, f"lrs_{m.replace('-', '_')}") for m in sft.PAPER_MODES}
     grid = {m: lrs for m, lrs in grid.items() if lrs}
     if "lora" in grid:  # fail before the other runs, not after them
         require_peft()
-    report = sweep(model, tokenizer, mask, dataset, items, grid, args.steps, args.batch_size, args.output, args.seed,
-                   lora_r=args.lora_r)
+    report = sweep(model, tokenizer, mask, dataset, items, grid, args.steps, args.batch_size, args.output,
+                   seeds=range(args.seed, args.seed + args.seeds), lora_r=args.lora_r)
     print(report["text"])
     print(f"written: {args.output}/compare.json, compare.md, tradeoff.png ({report['seconds'] / 60:.1f} min)")
     return 0

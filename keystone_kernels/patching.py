@@ -13,6 +13,7 @@ is patched through its base model, its adapters on other modules left trainable.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -24,7 +25,13 @@ from .nn.parameter import KEYSTONE_ATTRS
 from .parallel.ddp import mark_for_ddp, unmark_for_ddp
 from .parallel.loading import check_not_dispatched, meta_backend, watch_base_load
 from .serialization import export
-from .serialization.adapter import adapter_fits, fill_adapter, read_adapter
+from .serialization.adapter import (
+    adapter_fits,
+    check_adapter_tensors,
+    fill_adapter,
+    read_adapter,
+    trained_shapes,
+)
 from .state import (
     PatchState,
     base_fingerprint,
@@ -49,6 +56,7 @@ def patch(
     modules: dict | None = None,
     train_bias: bool = True,
     other_dtype: torch.dtype | None = None,
+    also_train: str | Sequence[str] | None = None,
 ) -> nn.Module:
     """Patch ``model`` in place so that only the mask's weights train; returns the model.
 
@@ -60,6 +68,15 @@ def patch(
         modules: module names for an architecture outside :data:`arch.FAMILIES`.
         train_bias: train the bias entries of keystone rows (layers with a bias).
         other_dtype: cast the rest (embeddings, norms, lm_head) to this dtype; None leaves them.
+        also_train: dense parameters to train beside the keystone tensors, in fp32: ``"paper"`` (the recipe
+            the paper's code runs: every parameter except the weights of q, k, v, o, up and down, so
+            gate_proj, every norm, the embeddings, lm_head and every bias, the projections' whole biases
+            included), or a list of parameter names of the model before patching (a weight or bias of a
+            decoder projection the mask does not touch keeps that projection a dense trainable
+            ``nn.Linear``). They go to the optimizer with the keystone tensors
+            (:func:`~keystone_kernels.state.trainable_parameters`), into the adapter (which then is not
+            tiny) and back into ``merge``'s model in their original dtype; tied parameters stay tied.
+            With ``also_train`` the mask may be empty (the dense parameters alone train).
 
     For data parallelism the frozen and index buffers are listed in
     ``model._ddp_params_and_buffers_to_ignore`` (DDP then all-reduces only the keystone gradients;
@@ -75,29 +92,43 @@ def patch(
     decoder projection raises a ValueError.
     """
     if is_peft_model(model) and not is_patched(model):
+        if also_train is not None:
+            raise ValueError("also_train is not supported on a PeftModel: its adapters are already the extra trainable "
+                             "parameters. Patch the plain model with also_train, or the PeftModel without it")
         return _patch_peft_model(model, mask, frozen_dtype, backend, modules, train_bias, other_dtype)
-    device = _check_patchable(model, mask, frozen_dtype)
+    device = _check_patchable(model, mask, frozen_dtype, also_train is not None)
     family = arch.family_for(model, modules)
     indices = mask.weight_indices(model, modules)  # validates the mask against the model
     paths = projection_paths(model, family)
     _check_inside_projections(indices, paths)
+    dense, whole_bias = _also_train(model, family, paths, indices, also_train)
+    paths = [p for p in paths if f"{p}.weight" not in dense]  # a projection trained dense stays an nn.Linear
     meta = device.type == "meta"  # built without weights: they are loaded after to_empty (see loading.py)
     resolved = meta_backend(backend) if meta else ops.resolve_backend(backend, device)
     # Build every replacement before changing anything, so a failure leaves the model as it was.
-    replacements = _keystone_layers(model, paths, indices, frozen_dtype, resolved, train_bias)
+    replacements = _keystone_layers(model, paths, indices, frozen_dtype, resolved,
+                                    {p: ("all" if p in whole_bias else train_bias) for p in paths})
     param_dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    named = dict(model.named_parameters())
     state = PatchState(mask, frozen_dtype, resolved, modules,
                        next(iter(param_dtypes)) if len(param_dtypes) == 1 else torch.float32,
                        "" if meta else base_fingerprint(model, family),
-                       {n: p.requires_grad for n, p in model.named_parameters()}, paths)
+                       {n: p.requires_grad for n, p in named.items()}, paths,
+                       {n: named[n].dtype for n in dense},
+                       also_train if also_train is None or isinstance(also_train, str) else list(also_train))
     for p in model.parameters():
         p.requires_grad_(False)
     for path, new in replacements.items():
         model.set_submodule(path, new)
     if other_dtype is not None:
         for name, p in model.named_parameters():
-            if not name.endswith(KEYSTONE_ATTRS):
+            if not name.endswith(KEYSTONE_ATTRS) and name not in dense:
                 p.data = p.data.to(other_dtype)
+    for name in dense:  # trained in fp32 masters, like the keystone tensors; p.data keeps tied weights tied
+        p = named[name]
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
+        p.requires_grad_(True)
     model._keystone = state
     export.install(model)  # save_pretrained / Trainer.save_model write the merged model + the adapter
     mark_for_ddp(model)  # DDP neither broadcasts nor syncs the frozen and index buffers
@@ -106,14 +137,14 @@ def patch(
     return model
 
 
-def _check_patchable(model: nn.Module, mask: KeystoneMask, frozen_dtype: torch.dtype) -> torch.device:
+def _check_patchable(model: nn.Module, mask: KeystoneMask, frozen_dtype: torch.dtype, extras: bool) -> torch.device:
     """The one device of ``model``; ValueError for a model that cannot be patched with ``mask``."""
     if is_patched(model):
         raise ValueError("model is already patched: merge(model) first, or patch a fresh model")
     if not isinstance(mask, KeystoneMask):
         raise ValueError(f"mask must be a KeystoneMask, got {type(mask).__name__}")
-    if not mask:
-        raise ValueError("mask is empty: nothing would train")
+    if not mask and not extras:
+        raise ValueError("mask is empty: nothing would train (pass also_train to train dense parameters alone)")
     if frozen_dtype not in FROZEN_DTYPES:
         raise ValueError(f"frozen_dtype must be one of {FROZEN_DTYPES}, got {frozen_dtype}")
     check_not_dispatched(model)
@@ -134,7 +165,7 @@ def _check_inside_projections(indices: dict, paths: list[str]) -> None:
 
 
 def _keystone_layers(model: nn.Module, paths: list[str], indices: dict, frozen_dtype: torch.dtype, backend: str,
-                     train_bias: bool) -> dict[str, KeystoneLinear]:
+                     train_bias: dict[str, bool | str]) -> dict[str, KeystoneLinear]:
     """``{path: KeystoneLinear}`` for every projection, built from its current weight (nothing is replaced yet)."""
     empty = torch.empty(0, dtype=torch.int64)
     out = {}
@@ -142,8 +173,45 @@ def _keystone_layers(model: nn.Module, paths: list[str], indices: dict, frozen_d
         weight, bias = arch.weight_2d(model, path)
         ind = indices.get(path)
         out[path] = KeystoneLinear(weight, bias, ind.rows if ind else empty, ind.cols if ind else empty, frozen_dtype,
-                                   backend, train_bias, transposed=arch.is_conv1d(model.get_submodule(path)))
+                                   backend, train_bias[path], transposed=arch.is_conv1d(model.get_submodule(path)))
     return out
+
+
+def _also_train(model: nn.Module, family: arch.Family, paths: list[str], indices: dict,
+                also_train: str | Sequence[str] | None) -> tuple[list[str], set[str]]:
+    """``(dense parameter names, projections whose whole bias trains)`` of ``patch(also_train=...)``.
+
+    ``"paper"``: every parameter but the weights of q, k, v, o, up and down (what the paper's code
+    leaves unmasked). A projection weight in the list must be one the mask does not touch; a
+    projection bias in the list makes that projection's whole bias a keystone tensor.
+    """
+    if also_train is None:
+        return [], set()
+    named = dict(model.named_parameters())
+    if isinstance(also_train, str):
+        if also_train != "paper":
+            raise ValueError(f"also_train must be 'paper' or a list of parameter names, got {also_train!r}")
+        masked = {f"{family.layers}.{i}.{name}" for i in range(len(arch.layers_of(model, family)))
+                  for name in (family.q, family.k, family.v, family.o, family.up, family.down) if name}
+        names = [n for n in named if not (n.endswith(".weight") and n[: -len(".weight")] in masked)]
+    else:
+        names = list(dict.fromkeys(also_train))
+        unknown = [n for n in names if n not in named]
+        if unknown:
+            raise ValueError(f"also_train names {unknown[:3]}, which are not parameters of {type(model).__name__} "
+                             f"(e.g. {list(named)[:3]})")
+    projection = set(paths)
+    dense, whole_bias = [], set()
+    for name in names:
+        module, _, attr = name.rpartition(".")
+        if module in projection and attr == "bias":
+            whole_bias.add(module)
+        elif module in projection and module in indices:
+            raise ValueError(f"also_train names {name}, a weight the mask already trains rows / columns of; leave it "
+                             "to the mask, or take its neurons out of the mask to train it whole")
+        else:
+            dense.append(name)
+    return dense, whole_bias
 
 
 def _patch_peft_model(peft_model, mask: KeystoneMask, frozen_dtype: torch.dtype, backend: str | None,
@@ -201,6 +269,10 @@ def merge(model: nn.Module, dtype: torch.dtype | None = None, masters: bool = Fa
     for path, module in keystone_modules(model).items():
         model.set_submodule(path, _plain_module(module, *module.merged_weight(dtype, masters=masters)))
         module.retire()
+    named = dict(model.named_parameters())
+    for name, original in state.also_train.items():  # the dense extras go back to the dtype they had
+        if name in named and named[name].dtype != original:
+            named[name].data = named[name].data.to(original)
     for name, p in model.named_parameters():
         p.requires_grad_(state.requires_grad.get(name, True))
     del model._keystone
@@ -240,9 +312,38 @@ def load_adapter(
     """
     tensors, meta = read_adapter(path)
     base = base_model_of(model)
-    mask, train_bias, trained_dtype = adapter_fits(base, path, tensors, meta, modules)
-    if not is_patched(base):
-        patch(model, mask, frozen_dtype=frozen_dtype or trained_dtype, backend=backend, modules=modules,
-              train_bias=train_bias)
+    fits = adapter_fits(base, path, tensors, meta, modules)
+    if is_patched(base):
+        check_adapter_tensors(path, tensors, trained_shapes(base))
+    else:
+        check_adapter_tensors(path, tensors, planned_shapes(base, fits.mask, modules, fits.train_bias, fits.also_train))
+        patch(model, fits.mask, frozen_dtype=frozen_dtype or fits.frozen_dtype, backend=backend, modules=modules,
+              train_bias=fits.train_bias, also_train=fits.also_train)
     fill_adapter(base, tensors)
     return model
+
+
+def planned_shapes(model: nn.Module, mask: KeystoneMask, modules: dict | None = None, train_bias: bool = True,
+                   also_train: str | Sequence[str] | None = None) -> dict[str, tuple]:
+    """``{name: shape}`` of the tensors ``patch(model, mask, ...)`` would make trainable, without patching: the
+    keystone tensors (``<path>.weight_rows`` / ``.weight_cols`` / ``.bias_rows``) and the ``also_train`` ones."""
+    family = arch.family_for(model, modules)
+    indices = mask.weight_indices(model, modules)
+    paths = projection_paths(model, family)
+    dense, whole_bias = _also_train(model, family, paths, indices, also_train)
+    named = dict(model.named_parameters())
+    shapes = {name: tuple(named[name].shape) for name in dense}
+    for key in paths:
+        if f"{key}.weight" in dense:
+            continue
+        weight, bias = arch.weight_2d(model, key)
+        out, inp = weight.shape
+        rows = len(indices[key].rows) if key in indices else 0
+        cols = len(indices[key].cols) if key in indices else 0
+        if rows:
+            shapes[f"{key}.weight_rows"] = (rows, inp)
+        if cols:
+            shapes[f"{key}.weight_cols"] = (out - rows, cols)
+        if bias is not None and (key in whole_bias or (train_bias and rows)):
+            shapes[f"{key}.bias_rows"] = (out,) if key in whole_bias else (rows,)
+    return shapes

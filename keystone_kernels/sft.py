@@ -41,7 +41,7 @@ from .analysis.verify import default_texts, evaluate_perplexity, score_exact_mat
 from .checkpoints import CheckpointStore
 from .mask import KeystoneMask
 from .parallel.ddp import data_parallel
-from .sft_config import DEFAULT_LR, MODES, SFTConfig, TrainResult
+from .sft_config import DEFAULT_LR, MODES, PAPER_MODES, SFTConfig, TrainResult
 from .sft_modes import Mode, mode_of
 from .sft_runs import (
     latest_checkpoint,
@@ -56,8 +56,8 @@ from .tasks import qa_items
 from .utils.dist import barrier, is_main_process, rank, world_size
 from .utils.io import atomic_dir, atomic_write_text, ensure_writable_dir, remove_temporaries
 
-__all__ = ["MODES", "DEFAULT_LR", "SFTConfig", "TrainResult", "batch_indices", "prepare", "train", "eval_loss",
-           "evaluate", "write_metrics", "finish", "fit_to_context", "latest_checkpoint"]
+__all__ = ["MODES", "PAPER_MODES", "DEFAULT_LR", "SFTConfig", "TrainResult", "batch_indices", "prepare", "train",
+           "eval_loss", "evaluate", "write_metrics", "finish", "fit_to_context", "latest_checkpoint"]
 
 
 def batch_indices(n: int, batch_size: int, seed: int, index: int, rank: int = 0, world: int = 1) -> list[int]:
@@ -71,9 +71,10 @@ def batch_indices(n: int, batch_size: int, seed: int, index: int, rank: int = 0,
 
 
 def _schedule(optimizer, config: SFTConfig):
-    from transformers import get_cosine_schedule_with_warmup
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
-    return get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * config.steps), config.steps)
+    make = get_linear_schedule_with_warmup if config.schedule == "linear" else get_cosine_schedule_with_warmup
+    return make(optimizer, int(config.warmup_ratio * config.steps), config.steps)
 
 
 def _state_bytes(optimizer) -> int:

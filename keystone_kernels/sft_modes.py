@@ -7,6 +7,9 @@
 - ``lora``: PEFT LoRA on the decoder projections (:mod:`keystone_kernels.integrations.lora`), torch
   AdamW; checkpoints and the final output are PEFT adapter folders.
 - ``full``: every parameter, torch AdamW (foreach); checkpoints hold the whole model.
+- ``paper``: the recipe the paper's code runs (keystone rows / columns plus every parameter that is
+  not a weight of q, k, v, o, up or down), and its two controls ``paper-without-keystone`` (the
+  extra parameters alone) and ``paper-random`` (the extras and a fair random mask).
 
 The training loop (:mod:`keystone_kernels.sft`) asks the mode and never branches on its name.
 """
@@ -26,6 +29,7 @@ from .optim import KeystoneAdamW
 from .patching import load_adapter, merge, patch
 from .serialization.adapter import read_adapter, save_adapter
 from .sft_config import MODES
+from .state import trainable_parameters
 
 __all__ = ["Mode", "mode_of"]
 
@@ -38,6 +42,7 @@ class Mode:
     weights: str
     final: str | None = None
     clips_in_step = False  # the optimizer clips gradients itself (else the loop calls clip_grad_norm_)
+    needs_mask = False  # prepare() takes the keystone mask (the CLI finds one when --mask is not given)
 
     def prepare(self, model: nn.Module, mask: KeystoneMask | None, config) -> tuple[torch.optim.Optimizer,
                                                                                     KeystoneMask | None]:
@@ -61,23 +66,25 @@ class Mode:
         return model
 
 
-def _keystone_adamw(model: nn.Module, config) -> KeystoneAdamW:
-    return KeystoneAdamW.for_model(model, lr=config.learning_rate, weight_decay=config.weight_decay,
-                                   max_grad_norm=config.max_grad_norm, backend=config.backend)
-
-
 class KeystoneMode(Mode):
     name, weights, final, clips_in_step = "keystone", "adapter.safetensors", "keystone_adapter.safetensors", True
+    needs_mask = True
+    also_train: str | None = None  # patch(also_train=...): dense parameters trained beside the keystone tensors
 
     def training_mask(self, mask: KeystoneMask, model: nn.Module, config) -> KeystoneMask:
         return mask
 
+    def optimizer(self, model: nn.Module, config) -> KeystoneAdamW:
+        return KeystoneAdamW.for_model(model, lr=config.learning_rate, weight_decay=config.weight_decay,
+                                       max_grad_norm=config.max_grad_norm, backend=config.backend)
+
     def prepare(self, model, mask, config):
-        if mask is None:
+        if mask is None and self.needs_mask:
             raise ValueError(f"mode {self.name!r} needs a mask (find_keystone(...).mask or --top-fraction)")
         mask = self.training_mask(mask, model, config)
-        patch(model, mask, frozen_dtype=getattr(torch, config.frozen_dtype), backend=config.backend)
-        return _keystone_adamw(model, config), mask
+        patch(model, mask, frozen_dtype=getattr(torch, config.frozen_dtype), backend=config.backend,
+              also_train=self.also_train)
+        return self.optimizer(model, config), mask
 
     def save(self, model, path):
         save_adapter(model, path)
@@ -87,18 +94,63 @@ class KeystoneMode(Mode):
 
     def restore(self, model, path, config):
         load_adapter(model, path, frozen_dtype=getattr(torch, config.frozen_dtype), backend=config.backend)
-        return _keystone_adamw(model, config)
+        return self.optimizer(model, config)
 
     def merged(self, model):
         return merge(model)
+
+
+def _random_control(mask: KeystoneMask, model: nn.Module, config) -> KeystoneMask:
+    """The fair control: as many neurons and rows / columns per projection, so as many trainable weights."""
+    return mask.random_like(config.seed, model, match="weights")
 
 
 class RandomMode(KeystoneMode):
     name = "random"
 
     def training_mask(self, mask, model, config):
-        # the fair control: as many neurons and rows / columns per projection, so as many trainable weights
-        return mask.random_like(config.seed, model, match="weights")
+        return _random_control(mask, model, config)
+
+
+class PaperMode(KeystoneMode):
+    """The recipe the paper's code runs on one GPU (its ``train.py`` and ``mask_gradients``, strategy
+    "freeze"): the keystone rows / columns of q, k, v, up / o, down, and every other parameter whole
+    (gate_proj, norms, embeddings, lm_head, biases: ``patch(also_train="paper")``). Weight decay as
+    transformers' Trainer gives it: on everything but norms and biases."""
+
+    name = "paper"
+    also_train = "paper"
+
+    def optimizer(self, model, config):
+        decay, no_decay = [], []
+        norms = {id(p) for m in model.modules() if "norm" in type(m).__name__.lower() for p in m.parameters()}
+        names = {id(p): n for n, p in model.named_parameters()}
+        for p in trainable_parameters(model):
+            kind = getattr(p, "_keystone_kind", None)
+            bias = kind == "bias" or names.get(id(p), "").endswith("bias")
+            (no_decay if bias or id(p) in norms else decay).append(p)
+        groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return KeystoneAdamW([g for g in groups if g["params"]], lr=config.learning_rate,
+                             max_grad_norm=config.max_grad_norm, backend=config.backend)
+
+
+class PaperWithoutKeystoneMode(PaperMode):
+    """Control: the paper's extra parameters alone, no keystone tensor (an empty mask)."""
+
+    name = "paper-without-keystone"
+    needs_mask = False
+
+    def training_mask(self, mask, model, config):
+        return KeystoneMask({})
+
+
+class PaperRandomMode(PaperMode):
+    """Control: the paper's extra parameters and a fair random mask instead of the keystone one."""
+
+    name = "paper-random"
+
+    def training_mask(self, mask, model, config):
+        return _random_control(mask, model, config)
 
 
 class LoraMode(Mode):
@@ -146,7 +198,8 @@ class FullMode(Mode):
         return self.prepare(model, None, config)[0]
 
 
-_BY_NAME: dict[str, Mode] = {m.name: m for m in (KeystoneMode(), RandomMode(), LoraMode(), FullMode())}
+_BY_NAME: dict[str, Mode] = {m.name: m for m in (KeystoneMode(), RandomMode(), LoraMode(), FullMode(), PaperMode(),
+                                                   PaperWithoutKeystoneMode(), PaperRandomMode())}
 assert tuple(_BY_NAME) == MODES
 
 

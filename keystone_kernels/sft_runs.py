@@ -32,7 +32,7 @@ __all__ = ["RUN_FIELDS", "run_record", "run_differences", "saved_record", "save_
 # SFTConfig fields that shape a run's trajectory: a resume with another value of any is refused
 # (steps may grow or shrink: the schedule follows it; eval / save cadence and backend change nothing).
 RUN_FIELDS = ("mode", "learning_rate", "batch_size", "grad_accum", "warmup_ratio", "weight_decay", "max_grad_norm",
-              "seed", "frozen_dtype", "lora_r")
+              "seed", "frozen_dtype", "lora_r", "schedule")
 
 
 def run_record(config: SFTConfig, mask: KeystoneMask | None, dataset,

@@ -19,7 +19,8 @@ from .mask import KeystoneMask
 from .nn.linear import KeystoneLinear
 
 __all__ = ["PatchState", "patch_state", "is_patched", "is_sharded", "keystone_modules", "keystone_parameters",
-           "sync_frozen", "projection_paths", "fingerprint_positions", "fingerprint_of", "base_fingerprint"]
+           "dense_parameters", "trainable_parameters", "sync_frozen", "projection_paths", "fingerprint_positions",
+           "fingerprint_of", "base_fingerprint"]
 
 
 @dataclass
@@ -34,6 +35,10 @@ class PatchState:
     base_fingerprint: str
     requires_grad: dict[str, bool] = field(default_factory=dict)
     paths: list[str] = field(default_factory=list)
+    #: dense parameters trained beside the keystone tensors (``patch(also_train=...)``): name -> dtype before patching
+    also_train: dict[str, torch.dtype] = field(default_factory=dict)
+    #: the ``also_train`` argument as given (``"paper"``, a list of names, or None), which adapters record
+    also_train_spec: str | list[str] | None = None
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -100,6 +105,25 @@ def keystone_parameters(model: nn.Module) -> list[nn.Parameter]:
     if not params:
         raise ValueError("model has no keystone parameters: call keystone_kernels.patch(model, mask) first")
     return params
+
+
+def dense_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``{name: parameter}`` of the dense parameters trained beside the keystone tensors (``patch(also_train=...)``;
+    tied parameters once, under their first name); empty for keystone-only training."""
+    state = getattr(model, "_keystone", None)
+    if state is None or not state.also_train:
+        return {}
+    named = dict(model.named_parameters())
+    return {name: named[name] for name in state.also_train if name in named}
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Everything a patched model trains: its keystone tensors, then its dense ``also_train`` parameters."""
+    dense = list(dense_parameters(model).values())
+    keystone = [p for m in keystone_modules(model).values() for p in m.keystone_parameters()]
+    if not keystone and not dense:
+        raise ValueError("model has no trainable tensors: call keystone_kernels.patch(model, mask) first")
+    return keystone + dense
 
 
 def sync_frozen(model: nn.Module) -> None:

@@ -78,7 +78,7 @@ class _KeystoneLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight_rows, weight_cols, bias_rows, frozen, bias, rows, col_rows, cols, backend):
+    def forward(ctx, x, weight_rows, weight_cols, bias_rows, frozen, bias, rows, col_rows, cols, bias_all, backend):
         y = F.linear(x, _compute_view(frozen, x.dtype), _compute_view(bias, x.dtype))
         need_rows = weight_rows is not None and ctx.needs_input_grad[1]
         need_cols = weight_cols is not None and ctx.needs_input_grad[2]
@@ -87,6 +87,7 @@ class _KeystoneLinearFunction(torch.autograd.Function):
         # Columns only (o_proj / down_proj in the paper's mapping): keep |C| columns of X, not all.
         saved_xc = x2d.index_select(1, cols) if need_cols and not need_rows else None
         ctx.save_for_backward(saved_x, saved_xc, frozen, rows, col_rows, cols)
+        ctx.bias_all = bias_all
         ctx.need = (need_rows, need_cols, bias_rows is not None and ctx.needs_input_grad[3])
         ctx.backend = backend
         return y
@@ -105,8 +106,9 @@ class _KeystoneLinearFunction(torch.autograd.Function):
             xc = saved_xc if saved_xc is not None else saved_x.index_select(1, cols)
             grad_cols = ops.gather_wgrad(dy, xc.to(dy.dtype), col_rows, None, backend=ctx.backend)
         if need_bias:
-            grad_bias = dy.index_select(1, rows).sum(0, dtype=torch.float32)
-        return grad_x, grad_rows, grad_cols, grad_bias, None, None, None, None, None, None
+            picked = dy if ctx.bias_all else dy.index_select(1, rows)  # the whole bias, or its rows R
+            grad_bias = picked.sum(0, dtype=torch.float32)
+        return grad_x, grad_rows, grad_cols, grad_bias, None, None, None, None, None, None, None
 
 
 def _complement(rows: Tensor, n: int) -> Tensor | None:
@@ -162,7 +164,8 @@ class KeystoneLinear(nn.Module):
         rows, cols: int64 sorted unique keystone rows R and columns C (may be empty).
         frozen_dtype: storage dtype of the frozen matrix.
         backend: op backend for the weight-gradient kernels (see :func:`ops.resolve_backend`).
-        train_bias: make the bias entries of keystone rows trainable.
+        train_bias: make the bias entries of keystone rows trainable (True), or the whole bias (``"all"``: the
+            paper's recipe, where every bias trains).
         transposed: the module it replaces stored ``[in, out]`` (GPT-2 ``Conv1D``); used by merge.
     """
 
@@ -177,9 +180,11 @@ class KeystoneLinear(nn.Module):
     #: once loaded (:mod:`keystone_kernels.parallel.loading`)
     fingerprint_at: tuple[Tensor, Tensor] | None = None
     fingerprint_sample: Tensor | None = None
+    #: the whole bias is a keystone tensor (``train_bias="all"``), not only its rows R
+    bias_all: bool = False
 
     def __init__(self, weight: Tensor, bias: Tensor | None, rows: Tensor, cols: Tensor,
-                 frozen_dtype: torch.dtype = torch.bfloat16, backend: str | None = None, train_bias: bool = True,
+                 frozen_dtype: torch.dtype = torch.bfloat16, backend: str | None = None, train_bias: bool | str = True,
                  transposed: bool = False):
         super().__init__()
         out_features, in_features = weight.shape
@@ -205,8 +210,14 @@ class KeystoneLinear(nn.Module):
         self.weight_rows = nn.Parameter(weight.index_select(0, rows).float()) if len(rows) else None
         cols_src = weight if col_rows is None else weight.index_select(0, col_rows)
         self.weight_cols = nn.Parameter(cols_src.index_select(1, cols).float()) if len(cols) else None
-        self.bias_rows = (nn.Parameter(bias.detach().index_select(0, rows).float())
-                          if bias is not None and train_bias and len(rows) else None)
+        if train_bias not in (True, False, "all"):
+            raise ValueError(f"train_bias must be True, False or 'all', got {train_bias!r}")
+        self.bias_all = train_bias == "all" and bias is not None  # the whole bias trains, not only rows R
+        if self.bias_all:
+            self.bias_rows = nn.Parameter(bias.detach().float().clone())
+        else:
+            self.bias_rows = (nn.Parameter(bias.detach().index_select(0, rows).float())
+                              if bias is not None and train_bias and len(rows) else None)
         self._synced_versions: tuple[int, ...] | None = None  # keystone tensors' versions at the last scatter
         self._tag_parameters()
         if not weight.is_meta:  # a meta weight has no values to sync (load them after to_empty)
@@ -244,6 +255,8 @@ class KeystoneLinear(nn.Module):
             if kind == "cols":
                 writes.append(KeystoneWrite(kind, p, "frozen_weight", self.col_rows, self.cols,
                                             _complement(host_rows, self.out_features)))
+            elif kind == "bias" and self.bias_all:
+                writes.append(KeystoneWrite(kind, p, "frozen_bias", None, None, None))
             else:
                 writes.append(KeystoneWrite(kind, p, "frozen_weight" if kind == "rows" else "frozen_bias", self.rows,
                                             None, host_rows))
@@ -413,7 +426,9 @@ class KeystoneLinear(nn.Module):
             bias = state_dict.pop(prefix + "bias", None)
         if bias is not None:
             state_dict[prefix + "frozen_bias"] = bias.to(self.frozen_bias.dtype)
-            if self.bias_rows is not None:
+            if self.bias_all:
+                state_dict[prefix + "bias_rows"] = bias.float()
+            elif self.bias_rows is not None:
                 state_dict[prefix + "bias_rows"] = bias.index_select(0, self._host_index[0].to(bias.device)).float()
 
     # ------------------------------------------------------------------ nn.Module plumbing
@@ -456,7 +471,7 @@ class KeystoneLinear(nn.Module):
             self.refresh()
         return _KeystoneLinearFunction.apply(
             x, self.weight_rows, self.weight_cols, self.bias_rows, self.frozen_weight, self.frozen_bias,
-            self.rows, self.col_rows, self.cols, self.backend,
+            self.rows, self.col_rows, self.cols, self.bias_all, self.backend,
         )
 
     def extra_repr(self) -> str:

@@ -46,7 +46,7 @@ from torch import Tensor
 from ..nn.parameter import KIND_ATTRS, layout_epoch, owner_of, rebind_data
 from ..ops.dispatch import fused_adamw_scatter_unchecked
 from ..ops.layout import FlatLayout, Target, build_flat_layout, host_scalars
-from ..state import keystone_parameters
+from ..state import trainable_parameters
 from ..utils.dist import replica_group
 from ..utils.dtensor import is_dtensor
 from .state_checks import (
@@ -320,9 +320,10 @@ class KeystoneAdamW(torch.optim.Optimizer):
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, **settings) -> KeystoneAdamW:
-        """The optimizer over ``keystone_parameters(model)`` (every keystone tensor of a patched model), with
-        ``settings`` as the constructor takes them. The one place the library builds it."""
-        return cls(keystone_parameters(model), **settings)
+        """The optimizer over everything a patched model trains (its keystone tensors, and the dense parameters of
+        ``patch(also_train=...)``), with ``settings`` as the constructor takes them. The one place the library
+        builds it."""
+        return cls(trainable_parameters(model), **settings)
 
     # ------------------------------------------------------------------ torch.optim contract
 

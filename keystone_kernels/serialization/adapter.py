@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import warnings
+from dataclasses import dataclass
 
 import torch
 from safetensors import SafetensorError
@@ -23,7 +24,8 @@ from torch import nn
 
 from .. import arch
 from ..mask import KeystoneMask
-from ..state import base_fingerprint, is_patched, keystone_modules, patch_state
+from ..nn.parameter import KEYSTONE_ATTRS
+from ..state import base_fingerprint, dense_parameters, is_patched, keystone_modules, patch_state
 from ..utils.dist import is_main_process
 from ..utils.io import atomic_path
 from ..utils.peft import base_model_of
@@ -70,12 +72,14 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     tensors = {}
     train_bias = False
     for name, module in keystone_modules(model).items():
-        for attr in ("weight_rows", "weight_cols", "bias_rows"):
+        for attr in KEYSTONE_ATTRS:
             p = getattr(module, attr)
             if p is not None:
                 # a copy: p is a view of the optimizer's flat arena, and safetensors refuses shared storage
                 tensors[f"{name}.{attr}"] = p.detach().to("cpu", torch.float32, copy=True)
-                train_bias |= attr == "bias_rows"
+                train_bias |= attr == "bias_rows" and not module.bias_all
+    for name, p in dense_parameters(model).items():  # also_train: whole tensors, so the file is not tiny
+        tensors[name] = p.detach().to("cpu", torch.float32, copy=True)
     metadata = {
         "format": FORMAT,
         "mask": json.dumps(state.mask.to_dict()),
@@ -84,6 +88,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         "frozen_dtype": str(state.frozen_dtype),
         "train_bias": str(train_bias),
     }
+    if state.also_train_spec is not None:
+        metadata["also_train"] = json.dumps(state.also_train_spec)
     metadata["checksum"] = adapter_checksum(tensors, metadata)
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
@@ -136,56 +142,71 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     return tensors, metadata
 
 
-def _expected_shapes(model: nn.Module, mask: KeystoneMask, modules: dict | None, train_bias: bool) -> dict[str, tuple]:
-    shapes = {}
-    for key, ind in mask.weight_indices(model, modules).items():
-        weight, bias = arch.weight_2d(model, key)
-        out, inp = weight.shape
-        if len(ind.rows):
-            shapes[f"{key}.weight_rows"] = (len(ind.rows), inp)
-            if bias is not None and train_bias:
-                shapes[f"{key}.bias_rows"] = (len(ind.rows),)
-        if len(ind.cols):
-            shapes[f"{key}.weight_cols"] = (out - len(ind.rows), len(ind.cols))
-    return shapes
+@dataclass(frozen=True)
+class AdapterFit:
+    """What an adapter says to patch a model with: its mask, bias option, frozen dtype and ``also_train``."""
+
+    mask: KeystoneMask
+    train_bias: bool
+    frozen_dtype: torch.dtype
+    also_train: str | list[str] | None
 
 
 def adapter_fits(model: nn.Module, path: str | os.PathLike, tensors: dict, meta: dict,
-                 modules: dict | None = None) -> tuple[KeystoneMask, bool, torch.dtype]:
-    """``(mask, train_bias, frozen_dtype)`` of an adapter read by :func:`read_adapter`, checked against ``model``.
+                 modules: dict | None = None) -> AdapterFit:
+    """What adapter ``path`` (read by :func:`read_adapter`) patches ``model`` with, checked against it.
 
     A patched model must carry the adapter's mask and base; a plain one must have the adapter's base
-    fingerprint and the shapes its mask gives. ValueError naming ``path`` and the mismatch otherwise.
+    fingerprint, and a model patched with the adapter's settings must have exactly its tensors and
+    shapes. ValueError naming ``path`` and the mismatch otherwise. Nothing is changed.
     """
-    mask = KeystoneMask.from_dict(json.loads(meta["mask"]))
-    train_bias = meta.get("train_bias") == "True"
+    try:
+        also_train = json.loads(meta["also_train"]) if "also_train" in meta else None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: the adapter's also_train metadata is not valid JSON ({err})") from None
+    fit = AdapterFit(KeystoneMask.from_dict(json.loads(meta["mask"])), meta.get("train_bias") == "True",
+                     _DTYPES[meta["frozen_dtype"]], also_train)
     if is_patched(model):
         state = patch_state(model)
-        if state.base_fingerprint != meta["base_fingerprint"] or state.mask != mask:
+        if state.base_fingerprint != meta["base_fingerprint"] or state.mask != fit.mask:
             raise ValueError(f"{path}: this patched model has a different base or mask than the adapter "
                              f"(base {meta['base_model']!r}); load it into a fresh base model")
-        return mask, train_bias, _DTYPES[meta["frozen_dtype"]]
+        if state.also_train_spec != fit.also_train:
+            raise ValueError(f"{path}: the adapter trained also_train={fit.also_train!r}, this patched model "
+                             f"also_train={state.also_train_spec!r}; load it into a fresh base model")
+        return fit
     fingerprint = base_fingerprint(model, arch.family_for(model, modules))
     if fingerprint != meta["base_fingerprint"]:
         raise ValueError(
             f"{path} was trained on base model {meta['base_model']!r} (fingerprint {meta['base_fingerprint']}); "
             f"this model differs (fingerprint {fingerprint})"
         )
-    expected = _expected_shapes(model, mask, modules, train_bias)
+    return fit
+
+
+def trained_shapes(model: nn.Module) -> dict[str, tuple]:
+    """``{adapter tensor name: shape}`` of everything a patched model trains (what :func:`save_adapter` writes)."""
+    out = {f"{name}.{attr}": tuple(getattr(m, attr).shape) for name, m in keystone_modules(model).items()
+           for attr in KEYSTONE_ATTRS if getattr(m, attr) is not None}
+    return out | {name: tuple(p.shape) for name, p in dense_parameters(model).items()}
+
+
+def check_adapter_tensors(path: str | os.PathLike, tensors: dict, expected: dict[str, tuple]) -> None:
+    """ValueError naming ``path`` unless the adapter holds exactly the ``expected`` tensors and shapes."""
     got = {k: tuple(v.shape) for k, v in tensors.items()}
     if got != expected:
         diff = sorted(set(got.items()) ^ set(expected.items()))[:3]
-        raise ValueError(f"{path}: tensors do not match the adapter's mask on this model "
-                         f"(first differences: {diff})")
-    return mask, train_bias, _DTYPES[meta["frozen_dtype"]]
+        raise ValueError(f"{path}: tensors do not match the adapter's mask on this model (first differences: {diff})")
 
 
 @torch.no_grad()
 def fill_adapter(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Copy an adapter's tensors into a patched model's keystone tensors and re-scatter every layer."""
     found = keystone_modules(model)
+    dense = dense_parameters(model)
     for name, value in tensors.items():
         path_, _, attr = name.rpartition(".")
-        getattr(found[path_], attr).copy_(value)
+        target = getattr(found[path_], attr) if path_ in found and attr in KEYSTONE_ATTRS else dense[name]
+        target.copy_(value)
     for module in found.values():
         module.sync_frozen()
