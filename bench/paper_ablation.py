@@ -65,6 +65,8 @@ def _best_lr(runs: list[dict], task: str, mode: str) -> float:
 def summarize(report: dict) -> str:
     lines = []
     for task in report["tasks"]:
+        if task not in report["base"]:  # not reached yet in a partial run
+            continue
         base = report["base"][task]
         rows = []
         for mode in GRID:

@@ -3,6 +3,7 @@
 import statistics
 
 import pytest
+import torch
 
 from keystone_kernels.compare import RunRecord, summary, summary_table
 
@@ -27,3 +28,26 @@ def test_summary_takes_means_over_seeds_and_reports_the_spread():
     assert rows["keystone"]["matched_accuracy"] == pytest.approx(0.45)  # the lowest best mean accuracy
     text = summary_table(list(rows.values()))
     assert "0.600 +- 0.100" in text and "paper" in text and "keystone" in text
+
+
+def test_paper_ablation_summary_reads_a_partial_report():
+    """bench/paper_ablation.py writes its table after every run: tasks not reached yet are left out,
+    the learning rate is the best of seed 0 and the spread is over the seeds run at it."""
+    from conftest import load_bench_script
+
+    ablation = load_bench_script("paper_ablation")
+    gen = torch.Generator().manual_seed(7)
+    acc = torch.rand(4, generator=gen).tolist()
+    runs = [{"task": "arith-train", "mode": "paper", "lr": lr, "seed": 0, "accuracy": a, "perplexity": 30.0 + i,
+             "qa_accuracy": 0.4, "trainable_parameters": 1234}
+            for i, (lr, a) in enumerate([(5e-5, acc[0]), (2e-4, acc[1])])]
+    best = runs[0]["lr"] if acc[0] >= acc[1] else runs[1]["lr"]
+    runs += [{**runs[0], "lr": best, "seed": s, "accuracy": acc[1 + s]} for s in (1, 2)]
+    report = {"tasks": ["arith-train", "multistep-train"], "runs": runs,
+              "base": {"arith-train": {"accuracy": 0.0, "perplexity": 30.0, "qa_accuracy": 0.3}}}
+    text = ablation.summarize(report)
+    assert "multistep-train" not in text
+    seeds = [r["accuracy"] for r in runs if r["lr"] == best]
+    row = next(line for line in text.splitlines() if line.startswith("| paper |"))
+    assert f"| {best:g} | 3 | {statistics.fmean(seeds):.3f} +- {statistics.stdev(seeds):.3f} |" in row
+    assert "1,234" in row
