@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .. import ops
+from ..ops.checks import check_index
 from ..utils.dist import REPLICA_GROUP_ATTR, GroupTag
 from ..utils.dtensor import is_dtensor, row_shard
 from .hooks import install_optimizer_hooks
@@ -54,13 +55,15 @@ from .parameter import (
     KIND_ATTRS,
     KeystoneParameter,
     OwnerRef,
-    bump_layout_epoch,
+    layout_changed,
     register_layer,
 )
 
 __all__ = ["KeystoneLinear", "KeystoneWrite"]
 
 _version_of = attrgetter("_version")
+# The tensors an optimizer's flat layout points into (besides the keystone tensors themselves).
+_STORAGE = ("frozen_weight", "frozen_bias", "rows", "cols", "col_rows")
 
 
 def _compute_view(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -122,7 +125,15 @@ def _complement(rows: Tensor, n: int) -> Tensor | None:
 
 def _base_keys_to_patched(module: KeystoneLinear, state_dict: dict, prefix: str, *args) -> None:
     """load_state_dict pre-hook (a plain function, so that a patched model still pickles)."""
+    module.__dict__["_addresses_before_load"] = module.storage_addresses()
     module.load_base_tensors(state_dict, prefix)
+
+
+def _tell_if_load_moved_storage(module: KeystoneLinear, incompatible_keys) -> None:
+    """load_state_dict post-hook: ``assign=True`` or swapped tensors give the layer new memory; copies do not."""
+    before = module.__dict__.pop("_addresses_before_load", None)
+    if before is not None and before != module.storage_addresses():
+        layout_changed(module, "load_state_dict gave the layer new tensors (assign=True, or swapped tensors)")
 
 
 @dataclass(frozen=True)
@@ -219,12 +230,14 @@ class KeystoneLinear(nn.Module):
             self.bias_rows = (nn.Parameter(bias.detach().index_select(0, rows).float())
                               if bias is not None and train_bias and len(rows) else None)
         self._synced_versions: tuple[int, ...] | None = None  # keystone tensors' versions at the last scatter
+        self._validate_indices()
         self._tag_parameters()
         if not weight.is_meta:  # a meta weight has no values to sync (load them after to_empty)
             # A one-time copy with the reference ops: a layer is often built on the CPU and moved
             # after (``.to("cuda")``), where the chosen backend (Triton) cannot run yet.
             self.sync_frozen(backend="reference")
         self.register_load_state_dict_pre_hook(_base_keys_to_patched)
+        self.register_load_state_dict_post_hook(_tell_if_load_moved_storage)
         install_optimizer_hooks()
 
     # ------------------------------------------------------------------ the tensors and where they write
@@ -317,7 +330,36 @@ class KeystoneLinear(nn.Module):
         if name in KEYSTONE_ATTRS and "_synced_versions" in self.__dict__:
             self._retag()
             self._synced_versions = None
-            bump_layout_epoch()
+            layout_changed(self, f"its {name} was assigned a new tensor")
+
+    def __setattr__(self, name: str, value) -> None:
+        """``nn.Module``'s, plus: replacing a frozen buffer or an index tensor (``layer.frozen_weight = t``)
+        tells the optimizers that point into the old one."""
+        if name in _STORAGE and "_synced_versions" in self.__dict__:
+            old = self._buffers.get(name)
+            super().__setattr__(name, value)
+            if self._buffers.get(name) is not old:
+                self._synced_versions = None  # the new frozen weight has not received the keystone values
+                if name in ("rows", "cols", "col_rows"):
+                    self._validate_indices()
+                layout_changed(self, f"its {name} was replaced by another tensor")
+            return
+        super().__setattr__(name, value)
+
+    def storage_addresses(self) -> tuple[int, ...]:
+        """The data pointers of the frozen buffers, index tensors and keystone tensors (0 for None / meta):
+        what an optimizer's flat layout points into. A change means the layout is stale."""
+        tensors = [self._buffers.get(n) for n in _STORAGE] + [self._parameters.get(a) for a in KEYSTONE_ATTRS]
+        return tuple(0 if t is None or t.is_meta else t.data_ptr() for t in tensors)
+
+    def _validate_indices(self) -> None:
+        """Check the index tensors' values now (a device sync on a GPU), so that no op checks them inside a
+        step: the checks are remembered per tensor (:func:`~keystone_kernels.ops.checks.check_index`), and a
+        sync there would break a CUDA graph capture."""
+        device = self.rows.device
+        check_index("rows", self.rows, self.out_features, device, unique=True)
+        check_index("cols", self.cols, self.in_features, device, unique=True)
+        check_index("col_rows", self.col_rows, self.out_features, device, unique=True)
 
     def keystone_indices(self) -> tuple[Tensor, Tensor]:
         """``(rows, cols)``: the keystone row and column indices (int64, CPU), as given to the constructor."""
@@ -435,6 +477,8 @@ class KeystoneLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         was_meta = self.rows.is_meta
+        reason = "the layer was moved or cast (.to(), .cuda(), .half(), to_empty())"
+        layout_changed(self, reason)  # first, so that this is the reason given, not the p.data = ... inside
         out = super()._apply(fn, recurse)
         if was_meta and not self.rows.is_meta:  # to_empty: the index buffers hold garbage, refill them
             rows, cols = self._host_index
@@ -444,17 +488,19 @@ class KeystoneLinear(nn.Module):
                 if self.col_rows is not None:
                     self.col_rows.copy_(_complement(rows, self.out_features))
         self._retag()  # a move off the meta device makes new Parameter objects, and new index buffers
-        bump_layout_epoch()  # buffers and parameters may be new tensors now
+        self._validate_indices()
+        layout_changed(self, reason)
         return out
 
     def retire(self) -> None:
         """Mark this layer as replaced (by :func:`~keystone_kernels.merge`): optimizers refuse its tensors."""
         self.retired = True
-        bump_layout_epoch()
+        layout_changed(self, "the layer was merged")
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self._tag_parameters()
+        self._validate_indices()
 
     @property
     def weight(self) -> Tensor:

@@ -1,10 +1,17 @@
-"""Keystone tensors: the parameter class, its tag back to its layer, and the layout epoch.
+"""Keystone tensors: the parameter class, its tag back to its layer, and who is told when a layer's memory moves.
 
 A keystone tensor is a :class:`KeystoneParameter` tagged with a weak reference to the
 :class:`~keystone_kernels.nn.linear.KeystoneLinear` that owns it and its kind (``"rows"``,
 ``"cols"``, ``"bias"``; :data:`KIND_ATTRS` names the layer attribute of each). Optimizers find
-the frozen weight a tensor writes into through :func:`owner_of`, and rebuild what they cached
-about tensors when :func:`layout_epoch` changes.
+the frozen weight a tensor writes into through :func:`owner_of`.
+
+What an optimizer caches about a layer (the addresses of its frozen weight, its index tensors,
+its keystone tensors living in the optimizer's arenas) goes stale when the layer's tensors move
+or go: ``.to()`` / ``.half()``, merge, ``p.data = x``, a frozen buffer replaced, the layer freed.
+Two signals say so. A watcher (KeystoneAdamW) registers with each layer it caches
+(:func:`watch_layout`) and is told of that layer's changes only (:func:`layout_changed`), so a
+move of another model never invalidates it. :func:`layout_epoch`, a global counter bumped on every
+change, is for caches that span all layers (the step hooks of other optimizers).
 """
 
 from __future__ import annotations
@@ -15,22 +22,22 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["KIND_ATTRS", "KEYSTONE_ATTRS", "KeystoneParameter", "OwnerRef", "rebind_data", "layout_epoch",
-           "bump_layout_epoch", "register_layer", "has_live_layers", "find_owner", "owner_of"]
+           "watch_layout", "layout_changed", "register_layer", "has_live_layers", "find_owner", "owner_of"]
 
 #: kind of keystone tensor -> the KeystoneLinear attribute that holds it
 KIND_ATTRS = {"rows": "weight_rows", "cols": "weight_cols", "bias": "bias_rows"}
 KEYSTONE_ATTRS = tuple(KIND_ATTRS.values())
 
-# Bumped whenever a KeystoneLinear's tensors may have moved or gone: ``.to()`` / ``.cuda()`` /
-# ``.half()`` (``_apply``), merge, a ``p.data = x``, or the module being freed. KeystoneAdamW compares
-# it once per step and rebuilds its flat layout when it changed, so a cached address never outlives
-# its tensor.
+# Bumped by every layout_changed(), of any layer.
 _layout_epoch = [0]
 _set_data = torch._C.TensorBase.data.__set__  # torch's own ``p.data = t``: no version bump, no epoch bump
 
 # Every live KeystoneLinear, so that the optimizer can tell a keystone tensor that lost its tag (a
 # wrapper replaced the parameter object) from a plain parameter: see :func:`find_owner`.
 _live: weakref.WeakSet = weakref.WeakSet()
+# layer -> the watchers of its layout. Kept beside the layer, not in it: a deepcopy or pickle of
+# the layer must not copy its optimizers.
+_watchers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def layout_epoch() -> int:
@@ -38,8 +45,26 @@ def layout_epoch() -> int:
     return _layout_epoch[0]
 
 
-def bump_layout_epoch() -> None:
+def watch_layout(layer: nn.Module, watcher) -> None:
+    """Tell ``watcher.layout_changed(reason: str)`` of every later change of ``layer``'s memory (weakly held)."""
+    watchers = _watchers.get(layer)
+    if watchers is None:
+        watchers = _watchers[layer] = weakref.WeakSet()
+    watchers.add(watcher)
+
+
+def _tell(watchers, reason: str) -> None:
     _layout_epoch[0] += 1
+    for watcher in list(watchers or ()):
+        watcher.layout_changed(reason)
+
+
+def layout_changed(layer: nn.Module | None, reason: str) -> None:
+    """``layer``'s tensors may have moved or gone (``reason`` says how, for errors): tell its watchers.
+
+    ``layer=None`` (a tensor of no layer) bumps the global epoch only.
+    """
+    _tell(_watchers.get(layer) if layer is not None else None, reason)
 
 
 class KeystoneParameter(nn.Parameter):
@@ -48,8 +73,8 @@ class KeystoneParameter(nn.Parameter):
     torch's ``p.data`` is an alias with a version counter of its own, so ``p.data.copy_(x)`` would
     change the values without ``p._version`` moving, and the layer could not tell that its frozen
     weight is stale. Here ``p.data`` is ``p.detach()`` (the same memory and the same version
-    counter), and assigning ``p.data = x`` bumps the version and the layout epoch (an optimizer's
-    arena no longer holds the tensor). Everything else is ``nn.Parameter``.
+    counter), and assigning ``p.data = x`` bumps the version and tells its layer's layout watchers
+    (an optimizer's arena no longer holds the tensor). Everything else is ``nn.Parameter``.
     """
 
     @property
@@ -60,7 +85,8 @@ class KeystoneParameter(nn.Parameter):
     def data(self, value: Tensor) -> None:
         _set_data(self, value)
         torch.autograd.graph.increment_version(self)
-        bump_layout_epoch()
+        owner = getattr(self, "_keystone_owner", None)
+        layout_changed(owner() if owner is not None else None, "a keystone tensor's .data was replaced")
 
     def __repr__(self) -> str:
         return "KeystoneParameter containing:\n" + repr(self.detach())
@@ -70,7 +96,7 @@ def rebind_data(p: Tensor, storage: Tensor) -> None:
     """Point ``p`` at ``storage`` (same shape, dtype and values) without marking it edited.
 
     For an optimizer that moves keystone tensors into its own arenas: the values do not change, so
-    neither the version nor the layout epoch moves (``p.data = storage`` would bump both).
+    the version does not move and no watcher is told (``p.data = storage`` would do both).
     """
     _set_data(p, storage)
 
@@ -96,9 +122,12 @@ class OwnerRef:
 
 
 def register_layer(layer: nn.Module) -> None:
-    """Count ``layer`` among the live KeystoneLinear modules; its finalisation bumps the layout epoch."""
+    """Count ``layer`` among the live KeystoneLinear modules; its watchers are told when it is freed."""
     _live.add(layer)
-    weakref.finalize(layer, bump_layout_epoch)
+    watchers = _watchers.get(layer)
+    if watchers is None:
+        watchers = _watchers[layer] = weakref.WeakSet()
+    weakref.finalize(layer, _tell, watchers, "a KeystoneLinear was freed")
 
 
 def has_live_layers() -> bool:

@@ -9,9 +9,18 @@ gradient arena (non-finite check, clipping), and one fused op that updates the a
 scatters the rounded masters into the frozen weights. The host work of a step does not grow with
 the number of tensors (docs/design.md, "The optimizer step").
 
-The layout is rebuilt only when it may be stale: a new param group, ``load_state_dict``, or a
-KeystoneLinear moved (``.to()``), merged or freed. ``KEYSTONE_CHECK_LAYOUT=1`` re-checks it on
-every step, for debugging.
+The layout is rebuilt only when it may be stale: a new param group, ``load_state_dict``, or one of
+*its* KeystoneLinear layers moved (``.to()``), merged, freed, given a new frozen weight
+(``load_state_dict(assign=True)``, ``layer.frozen_weight = t``) or a new keystone tensor (each
+layer tells the optimizers that point into it; a change of another model does not count).
+``KEYSTONE_CHECK_LAYOUT=1`` re-checks it on every step, for debugging.
+
+**Compiled and captured steps.** Building the layout reads data pointers, which a trace cannot:
+call :meth:`KeystoneAdamW.build_layout` (or run one eager step) before ``torch.compile(opt.step)``
+or a CUDA graph capture. From the first compiled or captured step on, a rebuild is refused with
+an error that says what to do, because a compiled or captured step keeps the arenas it saw. In
+capturable mode a float lr becomes a 0-dim float64 device tensor when the layout is built, so a
+scheduler's change (torch's schedulers ``fill_`` a tensor lr in place) reaches a captured step.
 
 A tensor with ``requires_grad=False`` (``peft.get_peft_model`` and ``model.requires_grad_(False)``
 set it on keystone tensors) would never get a gradient, so the optimizer would silently train
@@ -43,7 +52,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..nn.parameter import KIND_ATTRS, layout_epoch, owner_of, rebind_data
+from ..nn.parameter import KIND_ATTRS, owner_of, rebind_data, watch_layout
 from ..ops.dispatch import fused_adamw_scatter_unchecked
 from ..ops.layout import FlatLayout, Target, build_flat_layout, host_scalars
 from ..state import trainable_parameters
@@ -59,6 +68,15 @@ from .state_checks import (
 )
 
 NONFINITE = ("raise", "skip")
+_CAPTURE_BEFORE_LAYOUT = (
+    "KeystoneAdamW's step is being captured in a CUDA graph, but its flat layout must be built first ({reason}): "
+    "building it allocates the arenas and reads data pointers, which a capture cannot. Call opt.build_layout() (or "
+    "run one eager step) before capturing.")
+_NOT_TRACEABLE = (
+    "KeystoneAdamW.step() runs eagerly, outside torch.compile: it checks every keystone tensor's .grad on the "
+    "host, which dynamo cannot trace for a Parameter subclass. For a compiled step, build the optimizer with "
+    "KeystoneAdamW(..., capturable=True, compile_step=True): it compiles all the step's device work in one graph "
+    "(and compile the model itself, not opt.step). With fullgraph=False, torch.compile runs this step eagerly.")
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _grad_of = attrgetter("grad")
 
@@ -93,6 +111,14 @@ def _step_hyperparameters(group: dict, read_tensor_lr: bool) -> tuple[float, flo
     return float(beta1), float(beta2), float(eps), (None if lr is None else float(lr))
 
 
+def _global_norm(buckets: list) -> Tensor:
+    """The L2 norm of every gradient arena together (a 0-dim fp32 tensor on the first bucket's device)."""
+    norms = [torch.linalg.vector_norm(b.grad) for b in buckets]
+    if len(norms) == 1:
+        return norms[0]
+    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+
+
 def _check_trainable(params: Iterable[Tensor]) -> None:
     """Raise for the first tensor with ``requires_grad=False``: autograd never gives it a gradient."""
     for k, p in enumerate(params):
@@ -110,13 +136,18 @@ def _check_trainable(params: Iterable[Tensor]) -> None:
                 "or leave the tensor out of the optimizer.")
 
 
-def _scatter_target(p: Tensor) -> tuple[tuple[int, int], Target | None]:
-    """(2-D shape of p in its arena, where its values go in the frozen weight or None)."""
+def _scatter_target(p: Tensor, watcher=None) -> tuple[tuple[int, int], Target | None]:
+    """(2-D shape of p in its arena, where its values go in the frozen weight or None).
+
+    ``watcher`` (the optimizer building its layout) is told of later changes of p's layer.
+    """
     _refuse_dtensor(p)
     found = owner_of(p)  # raises for a tensor whose layer was merged / freed / replaced it
     if found is None:
         return (1, p.numel()), None
     owner, kind = found
+    if watcher is not None:
+        watch_layout(owner, watcher)
     write = next(w for w in owner.writes() if w.kind == kind)
     shape = tuple(write.source().shape)
     if owner.sharded:
@@ -175,27 +206,8 @@ class _Bucket:
         self.master, self.grad = arenas["master"], arenas["grad"]
         self.exp_avg, self.exp_avg_sq = arenas["exp_avg"], arenas["exp_avg_sq"]
         self.max_exp_avg_sq = arenas.get("max_exp_avg_sq")
-        self._constants_key, self._constants = None, (None, None, None)
+        self.one = torch.ones((), dtype=torch.float32, device=step.device)  # the clip scale without clipping
         self.zeroed_version: int | None = None  # the gradient arena's autograd version right after zero_grad()
-
-    def device_constants(self, lr: float | Tensor, weight_decay: float) -> tuple[Tensor | None, Tensor | None, Tensor]:
-        """``(lr, decay, one)`` of a capturable step as device tensors: float64 ``lr`` and ``1 - lr * wd``
-        for a float lr (``None, None`` for a tensor lr, which the step reads itself), and a float32 1.
-
-        Filled on the device (no host-to-device copy, no sync) only when a value changed, so a steady
-        state step launches nothing for them.
-        """
-        key = (None if isinstance(lr, Tensor) else lr, weight_decay)
-        if key != self._constants_key:
-            dev = self.step.device
-            one = torch.ones((), dtype=torch.float32, device=dev)
-            if key[0] is None:
-                self._constants = (None, None, one)
-            else:  # 1 - lr * wd in Python doubles: the value the device ops gave before
-                self._constants = (torch.full((), lr, dtype=torch.float64, device=dev),
-                                   torch.full((), 1.0 - lr * weight_decay, dtype=torch.float64, device=dev), one)
-            self._constants_key = key
-        return self._constants
 
     def collect_grads(self) -> bool | list[bool]:
         """Make every ``p.grad`` its view of the gradient arena. True: every tensor has a gradient;
@@ -207,7 +219,11 @@ class _Bucket:
         gradient that was replaced (``p.grad = g``, or ``model.zero_grad()`` then backward) is copied
         in; a tensor whose grad is None is not stepped, as in torch.optim.
         """
-        if all(map(is_, map(_grad_of, self.params), self.grad_views)):
+        if torch.compiler.is_compiling():  # dynamo cannot trace attrgetter; it unrolls this loop instead
+            same = all(p.grad is view for p, view in zip(self.params, self.grad_views))
+        else:
+            same = all(map(is_, map(_grad_of, self.params), self.grad_views))
+        if same:
             return self.grad._version != self.zeroed_version
         has = []
         for p, view in zip(self.params, self.grad_views):
@@ -250,7 +266,14 @@ class KeystoneAdamW(torch.optim.Optimizer):
         capturable: never read a device value on the host in ``step()`` (torch's name): the step
             count lives on the device, and the norm, clip scale and skip decision are computed there
             and consumed by the kernel, so a step can be captured in a CUDA graph. ``last_grad_norm``
-            and ``skipped_steps_tensor`` are then device tensors.
+            and ``skipped_steps_tensor`` are then device tensors, and a float lr becomes a float64
+            device tensor when the layout is built (schedulers fill it in place).
+        compile_step: with ``capturable``, run the step's device work (norm, clip scale, skip
+            decision, bias corrections and the fused update) as one ``torch.compile(fullgraph=True)``
+            graph, built on the first step; a dict gives torch.compile's options (``{"mode":
+            "reduce-overhead"}``). The host checks of the step (which tensors have gradients, the
+            hyperparameters) stay eager: ``torch.compile(opt.step)`` cannot trace them and runs the
+            step eagerly.
         backend: op backend ("auto", "reference", "triton", "ext", or None for $KEYSTONE_BACKEND).
 
     Gradients live in a flat buffer too: ``p.grad`` is a view that backward accumulates into, and
@@ -276,6 +299,7 @@ class KeystoneAdamW(torch.optim.Optimizer):
         max_grad_norm: float | None = None,
         nonfinite: str | None = None,
         capturable: bool = False,
+        compile_step: bool | dict = False,
         backend: str | None = "auto",
     ):
         if isinstance(lr, Tensor):
@@ -295,6 +319,9 @@ class KeystoneAdamW(torch.optim.Optimizer):
             nonfinite = "skip" if capturable else "raise"
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+        if compile_step and not capturable:
+            raise ValueError("compile_step=True compiles the capturable step (a step that reads the gradient norm on "
+                             "the host cannot be one graph): pass capturable=True as well")
         if capturable and nonfinite == "raise":
             raise ValueError("nonfinite='raise' needs the host to read the gradient norm, which capturable=True "
                              "forbids: use nonfinite='skip' (non-finite steps are skipped on the device and counted "
@@ -305,12 +332,15 @@ class KeystoneAdamW(torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm
         self.nonfinite = nonfinite
         self.capturable = bool(capturable)
+        self.compile_step = compile_step
+        self._compiled_update = None
         self.backend = backend
         self._last_grad_norm: float | Tensor | None = None
         self._skipped = 0
         self._skipped_t: Tensor | None = None
         self._buckets: list[_Bucket] | None = None
-        self._epoch = -1
+        self._stale: str | None = "it was never built"  # why the layout must be rebuilt, None while it is current
+        self._frozen_by: str | None = None  # "compiled" / "captured in a CUDA graph": no rebuild from then on
         for group in self.param_groups:
             for p in group["params"]:
                 _refuse_dtensor(p)
@@ -329,7 +359,7 @@ class KeystoneAdamW(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        self._buckets = None  # the new tensors need a place in the arenas
+        self.layout_changed("a param group was added")  # the new tensors need a place in the arenas
 
     def state_dict(self) -> dict:
         """torch's ``{"state", "param_groups"}`` plus ``"keystone_layout"``: each tensor's kind, shape and its
@@ -342,7 +372,7 @@ class KeystoneAdamW(torch.optim.Optimizer):
         """torch's, after :meth:`_check_state` (nothing changes when it raises)."""
         self._check_state(state_dict)
         super().load_state_dict({k: v for k, v in state_dict.items() if k != LAYOUT_KEY})
-        self._buckets = None  # the loaded state is copied into fresh arenas on the next step
+        self.layout_changed("load_state_dict replaced its state")  # copied into fresh arenas on the next step
 
     def _check_state(self, state_dict: dict) -> None:
         """Refuse, before anything changes and naming the field, a state that cannot be trusted: saved for
@@ -373,7 +403,7 @@ class KeystoneAdamW(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradient buffers (the grads stay views of them; see the class docstring)."""
-        if self._buckets is None or layout_epoch() != self._epoch:
+        if self._buckets is None or self._stale is not None:
             return super().zero_grad(set_to_none)
         for b in self._buckets:
             b.grad.zero_()
@@ -399,15 +429,51 @@ class KeystoneAdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the flat layout
 
+    def layout_changed(self, reason: str) -> None:
+        """Told by a layer of this optimizer (or by itself) that the flat layout is stale: rebuild before the
+        next step. ``reason`` ends up in the error a compiled or captured optimizer raises."""
+        if getattr(self, "_stale", None) is None:  # (torch's __init__ adds the first groups before ours runs)
+            self._stale = reason
+
+    def build_layout(self) -> None:
+        """Build (or rebuild) the flat arenas now, moving every tensor, its grad and its state into them.
+
+        The first eager step does this itself. Call it before compiling ``opt.step`` or capturing it in a
+        CUDA graph (a trace cannot read the data pointers the layout needs), and after a change the
+        compiled or captured step refused (then compile again with ``torch.compiler.reset()``, or
+        capture again). Eager only.
+        """
+        if torch.compiler.is_compiling():
+            raise RuntimeError("KeystoneAdamW.build_layout() cannot run inside a compiled region: call it before "
+                               "compiling the step")
+        self._frozen_by = None
+        self._compiled_update = None  # a compiled step traced the old arenas: trace the new ones
+        self._buckets = None
+        self._buckets = [b for group in self.param_groups for b in self._build_buckets(group, group["params"])]
+        self._stale = None
+
     def _layout(self) -> list[_Bucket]:
-        epoch = layout_epoch()
-        if self._buckets is None or epoch != self._epoch:
-            self._buckets = [b for group in self.param_groups for b in self._build_buckets(group, group["params"])]
-            self._epoch = epoch
-        elif os.environ.get("KEYSTONE_CHECK_LAYOUT", "0") not in ("", "0"):
+        if self._stale is not None:
+            if self._frozen_by is not None:
+                raise RuntimeError(
+                    f"KeystoneAdamW's flat layout is stale ({self._stale}) after its step was {self._frozen_by}. "
+                    f"Rebuilding it would move every tensor into new arenas while the {self._frozen_by} step keeps "
+                    "the old ones (freed memory, under a CUDA graph), so it is refused. Call opt.build_layout() "
+                    "eagerly, then compile again (torch.compiler.reset()) or capture the step again; or build a new "
+                    "optimizer (carry the state over with state_dict() / load_state_dict()).")
+            self.build_layout()
+        elif os.environ.get("KEYSTONE_CHECK_LAYOUT", "0") not in ("", "0") and not torch.compiler.is_compiling():
             for b in self._buckets:
                 b.check()
         return self._buckets
+
+    def _enter_captured_step(self) -> None:
+        """A step under a CUDA graph capture: the layout must exist, and stays fixed from now on."""
+        if not (self.capturable and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            return
+        if self._stale is not None and self._frozen_by is None:
+            raise RuntimeError(_CAPTURE_BEFORE_LAYOUT.format(reason=self._stale))
+        self._frozen_by = self._frozen_by or "captured in a CUDA graph"
 
     @torch.no_grad()
     def _build_buckets(self, group: dict, params: list[Tensor]) -> list[_Bucket]:
@@ -421,9 +487,12 @@ class KeystoneAdamW(torch.optim.Optimizer):
                                  f"is now {p.dtype} (was the model cast with .half() / .to(dtype)?)")
             state = self.state[p]
             by_key.setdefault((p.device, float(state["step"]) if state else 0.0), []).append(p)
+        if self.capturable and by_key and not isinstance(group["lr"], Tensor):
+            # a device tensor that schedulers fill in place: a captured step reads each new value
+            group["lr"] = torch.tensor(group["lr"], dtype=torch.float64, device=next(iter(by_key))[0])
         buckets = []
         for (device, step_count), params in by_key.items():
-            shapes, targets = zip(*[_scatter_target(p) for p in params])
+            shapes, targets = zip(*[_scatter_target(p, self) for p in params])
             layout = build_flat_layout(list(shapes), list(targets), device)
             amsgrad = group["amsgrad"]
             names = ["master", "grad", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
@@ -460,10 +529,13 @@ class KeystoneAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        if torch.compiler.is_compiling():  # torch.compile(opt.step): dynamo runs this frame eagerly instead
+            raise RuntimeError(_NOT_TRACEABLE)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._enter_captured_step()
         buckets = self._layout()
         active = []
         for b, has in [(b, b.collect_grads()) for b in buckets]:
@@ -479,27 +551,46 @@ class KeystoneAdamW(torch.optim.Optimizer):
         for b in active:
             if b.sync is not None:
                 b.sync.reduce(b.grad)  # sharded model: one all-reduce of the flat gradient arena
-        norms = [torch.linalg.vector_norm(b.grad) for b in active]
-        total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(
-            torch.stack([n.to(norms[0].device) for n in norms]))
         if self.capturable:
-            self._step_on_device(active, hyper, total)
+            lrs = [self._device_lr(b.group, b.step.device) for b in active]
+            if self._skipped_t is None:
+                self._skipped_t = torch.zeros((), dtype=torch.float32, device=active[0].step.device)
+            self._last_grad_norm = self._device_update()(active, hyper, lrs)
+            for b in active:
+                if b.sync is not None:
+                    b.sync.scatter()  # a skipped step rewrites the unchanged values: harmless
         else:
-            self._step_from_host(active, hyper, total)
+            self._step_from_host(active, hyper, _global_norm(active))
         return loss
+
+    def _device_update(self):
+        """The function that runs a capturable step's device work: :meth:`_step_on_device`, or its
+        ``torch.compile`` (``fullgraph=True``, the options of ``compile_step``), built on first use."""
+        if not self.compile_step:
+            return self._step_on_device
+        if self._compiled_update is None:
+            options = self.compile_step if isinstance(self.compile_step, dict) else {}
+            self._compiled_update = torch.compile(self._step_on_device, **{"fullgraph": True, **options})
+        self._frozen_by = self._frozen_by or "compiled"
+        return self._compiled_update
 
     def _split(self, b: _Bucket, has: list[bool]) -> _Bucket:
         """Replace bucket ``b`` by one of its tensors with a gradient (returned) and one of those without.
 
         Their step counts differ from now on, so they stay apart; O(tensors) once, on the rare step where
-        some grads are None and others are not.
+        some grads are None and others are not. Refused once the step was compiled or captured (new arenas).
         """
+        if self._frozen_by is not None:
+            raise RuntimeError(
+                f"some keystone tensors of a param group have no gradient (.grad is None) in a step that was "
+                f"{self._frozen_by}: stepping only the others needs new arenas, which a {self._frozen_by} step "
+                "cannot follow. Give every tensor a gradient (the optimizer's zero_grad() keeps them as zeros), or "
+                "put the tensors that get none in an optimizer of their own.")
         i = self._buckets.index(b)
         with_grad = [p for p, h in zip(b.params, has) if h]
         without = [p for p, h in zip(b.params, has) if not h]
         new = self._build_buckets(b.group, with_grad) + self._build_buckets(b.group, without)
         self._buckets[i:i + 1] = new
-        self._epoch = layout_epoch()
         return new[0]
 
     def _step_from_host(self, active: list[_Bucket], hyper: list[tuple[float, float, float, float]],
@@ -539,41 +630,54 @@ class KeystoneAdamW(torch.optim.Optimizer):
             b.step += 1  # only once the step went through
 
     def _step_on_device(self, active: list[_Bucket], hyper: list[tuple[float, float, float, float | None]],
-                        total: Tensor) -> None:
-        """Every decision as a device tensor: no .item(), float(), bool() or copy to the host.
+                        lrs: list[Tensor]) -> Tensor:
+        """Every decision as a device tensor: no .item(), float(), bool() or copy to the host. Returns the
+        global gradient norm before clipping.
 
-        Each op below is a kernel launch on a GPU, so the constants live on the device between steps
-        (:meth:`_Bucket.device_constants`) and the five scalars are assembled with as few ops as the
-        rounding allows.
+        Each op below is a kernel launch on a GPU unless compiled (``compile_step``), so the lr lives on
+        the device (``lrs``: float64 tensors that schedulers fill in place) and the five scalars are
+        assembled with as few ops as the rounding allows. Pure tensor work on the buckets' arenas, so
+        that torch.compile traces it whole.
         """
+        total = _global_norm(active)
         bad = torch.isnan(total - total).float()  # 1.0 for a NaN or infinite norm (inf - inf is NaN)
-        if self._skipped_t is None:
-            self._skipped_t = torch.zeros((), dtype=torch.float32, device=total.device)
         self._skipped_t += bad
-        self._last_grad_norm = total
         good = 1.0 - bad
         coef = None
         if self.max_grad_norm is not None:
             coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
-        for b, (beta1, beta2, eps, _) in zip(active, hyper):
+        for b, (beta1, beta2, eps, _), lr in zip(active, hyper, lrs):
             g = b.group
             dev = b.step.device
-            lr, decay, one = b.device_constants(g["lr"], g["weight_decay"])
-            if lr is None:  # a tensor lr (a scheduler may change it on the device): read every step
-                lr = g["lr"].to(dev, torch.float64)
-                decay = 1.0 - lr * g["weight_decay"]
+            decay = 1.0 - lr * g["weight_decay"]
             b.step += good.to(dev)
             # In float64, like the host path (torch computes these in Python doubles), then rounded
             # once to fp32: capturable and default steps agree to the last bit.
             step = b.step.double().clamp(min=1.0)  # a skipped first step: keep the (unused) scalars finite
             bc1 = 1.0 - torch.pow(beta1, step)  # a Python base: pow's scalar-exponent shortcuts never apply
             bc2_sqrt = torch.sqrt(1.0 - torch.pow(beta2, step))
-            gscale = one if coef is None else coef.to(dev)
+            gscale = b.one if coef is None else coef.to(dev)
             if g["maximize"]:
                 gscale = -gscale
             scalars = torch.cat([torch.stack([decay, lr / bc1, bc2_sqrt]).float(), gscale.reshape(1),
                                  bad.to(dev).reshape(1)])
             fused_adamw_scatter_unchecked(b.layout, b.master, b.grad, b.exp_avg, b.exp_avg_sq, b.max_exp_avg_sq,
                                           scalars=scalars, beta1=beta1, beta2=beta2, eps=eps, backend=self.backend)
-            if b.sync is not None:
-                b.sync.scatter()  # a skipped step rewrites the unchanged values: harmless
+
+        return total
+
+    def _device_lr(self, group: dict, device: torch.device) -> Tensor:
+        """The group's lr as a float64 tensor on ``device``, read on the device every step.
+
+        A float assigned after the layout was built (``group["lr"] = x``) becomes a tensor again;
+        under a CUDA graph capture that is refused, since every replay would keep the captured value.
+        """
+        lr = group["lr"]
+        if not isinstance(lr, Tensor):
+            if self._frozen_by == "captured in a CUDA graph":
+                raise RuntimeError(
+                    f"a param group's lr is the float {lr} in a step captured in a CUDA graph: every replay would "
+                    "keep this value. Keep the lr a tensor and change it in place (group['lr'].fill_(x); torch's "
+                    "schedulers do), as build_layout() set it up.")
+            lr = group["lr"] = torch.tensor(lr, dtype=torch.float64, device=device)
+        return lr.to(device, torch.float64)

@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..nn.linear import KeystoneLinear
-from ..nn.parameter import bump_layout_epoch
+from ..nn.parameter import layout_changed
 from ..ops.dispatch import BACKENDS
 from ..state import fingerprint_of, fingerprint_positions, keystone_modules, patch_state
 from ..utils.dtensor import copy_into
@@ -187,7 +187,7 @@ def load_base_weights(model: nn.Module, source, device: str | torch.device | Non
     for module in modules.values():
         if isinstance(module, KeystoneLinear):
             module.sync_frozen()  # the frozen copies of the keystone values, from the masters just loaded
-    bump_layout_epoch()
+            layout_changed(module, "base weights were loaded into it")
     _after_load(model)
     if not state.base_fingerprint:
         raise ValueError("the checkpoint did not hold every projection's weight, so the base fingerprint is unknown")
