@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in OUTPUT from its newest checkpoint that loads; a setting (lr, seed, "
                         "batch size, mask, data, ...) other than the run's is an error that lists the differences")
     p.add_argument("--merge", action="store_true", help="also write the merged plain model to OUTPUT/merged")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (inductor) and, in the keystone modes, the optimizer step's device "
+                        "work (KeystoneAdamW(capturable=True, compile_step=True)); the first steps take longer while "
+                        "it compiles. Non-finite steps are then skipped and counted instead of raised")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")

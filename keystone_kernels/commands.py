@@ -124,7 +124,8 @@ def cmd_sft(args) -> int:
     config = sft.SFTConfig(mode=args.mode, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                            grad_accum=args.grad_accum, seed=args.seed, backend=args.backend,
                            eval_every=args.eval_every, save_every=args.save_every, lora_r=args.lora_r,
-                           weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, schedule=args.schedule)
+                           weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, schedule=args.schedule,
+                           compile=args.compile)
     dataset = _dataset(args, model, tokenizer)
     items = eval_items(args.data, args.eval)
     mask, origin = None, {}
@@ -152,7 +153,7 @@ def cmd_sft(args) -> int:
     after = sft.evaluate(model, tokenizer, items) if items and not args.no_eval else None
     metrics = {"mode": args.mode, "lr": config.learning_rate, "steps": args.steps, "batch_size": args.batch_size,
                "trainable_parameters": result.trainable_parameters,
-               "optimizer_state_bytes": result.optimizer_state_bytes,
+               "optimizer_state_bytes": result.optimizer_state_bytes, "skipped_steps": result.skipped_steps,
                "median_step_seconds": result.median_step_seconds, "tokens": result.tokens, "losses": result.losses,
                "before": before, "after": after}
     sft.write_metrics(Path(args.output) / "metrics.json", metrics)

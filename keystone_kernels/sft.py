@@ -148,6 +148,11 @@ def train(
                progress, on_step)
     barrier()  # the ranks finish together: rank 0's last checkpoint is complete
     result.optimizer_state_bytes = _state_bytes(optimizer)
+    result.skipped_steps = int(getattr(optimizer, "skipped_steps", 0))  # capturable (--compile): one sync, here
+    if result.skipped_steps:
+        warnings.warn(f"{result.skipped_steps} of {config.steps - result.resumed_from} optimizer steps were skipped: "
+                      "their gradients held NaN or Inf (the weights did not change in those steps). Lower the "
+                      "learning rate, or check the data.", stacklevel=2)
     if out is not None and is_main_process() and mode.final:
         _save_final(mode, model, out / mode.final, store)
     return result
@@ -203,6 +208,8 @@ def _run_steps(model: nn.Module, tokenizer, dataset, eval_dataset, optimizer, sc
     device = next(model.parameters()).device
     params = [p for g in optimizer.param_groups for p in g["params"]]
     net = data_parallel(model)  # DDP under torchrun (after a replica check), else the model
+    if config.compile:
+        net = torch.compile(net)  # inductor, forward and backward; batches of new lengths compile once more
     main = is_main_process()
     model.train()
     bar = tqdm(total=config.steps, initial=result.resumed_from, desc=f"sft[{config.mode}]", unit="step",

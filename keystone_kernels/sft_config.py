@@ -36,6 +36,9 @@ class SFTConfig:
     backend: str | None = "auto"
     lora_r: int = 16  # lora mode: rank on q, k, v, o, gate, up, down; alpha = 2 r, no dropout
     schedule: str | None = None
+    # torch.compile the model (forward + backward, inductor) and, in the keystone modes, the optimizer's device
+    # work (KeystoneAdamW(capturable=True, compile_step=True)): the same numbers, fewer host ops per step
+    compile: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -73,6 +76,7 @@ class TrainResult:
     trainable_parameters: int = 0
     optimizer_state_bytes: int = 0
     resumed_from: int = 0
+    skipped_steps: int = 0  # steps a capturable optimizer skipped for non-finite gradients
 
     @property
     def median_step_seconds(self) -> float:

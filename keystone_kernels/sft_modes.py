@@ -66,6 +66,16 @@ class Mode:
         return model
 
 
+def optimizer_settings(config) -> dict:
+    """The KeystoneAdamW settings every keystone mode shares: the backend, and with ``config.compile`` a
+    capturable step whose device work is one compiled graph (non-finite steps are then skipped and counted,
+    not raised: the host never reads the norm)."""
+    settings = {"backend": config.backend}
+    if config.compile:
+        settings.update(capturable=True, compile_step=True)
+    return settings
+
+
 class KeystoneMode(Mode):
     name, weights, final, clips_in_step = "keystone", "adapter.safetensors", "keystone_adapter.safetensors", True
     needs_mask = True
@@ -76,7 +86,7 @@ class KeystoneMode(Mode):
 
     def optimizer(self, model: nn.Module, config) -> KeystoneAdamW:
         return KeystoneAdamW.for_model(model, lr=config.learning_rate, weight_decay=config.weight_decay,
-                                       max_grad_norm=config.max_grad_norm, backend=config.backend)
+                                       max_grad_norm=config.max_grad_norm, **optimizer_settings(config))
 
     def prepare(self, model, mask, config):
         if mask is None and self.needs_mask:
@@ -131,7 +141,7 @@ class PaperMode(KeystoneMode):
             (no_decay if bias or id(p) in norms else decay).append(p)
         groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return KeystoneAdamW([g for g in groups if g["params"]], lr=config.learning_rate,
-                             max_grad_norm=config.max_grad_norm, backend=config.backend)
+                             max_grad_norm=config.max_grad_norm, **optimizer_settings(config))
 
 
 class PaperWithoutKeystoneMode(PaperMode):

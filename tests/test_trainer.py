@@ -70,6 +70,31 @@ def test_plain_trainer_with_the_optimizer_hook(tmp_path):
     assert result.global_step == 4 and trainer.optimizer.param_groups[0]["params"][0] is keystone_parameters(model)[0]
 
 
+def test_torch_compile_in_training_arguments_matches_eager(tmp_path):
+    """``TrainingArguments(torch_compile=True)``: the Trainer compiles the model (inductor) and KeystoneTrainer's
+    optimizer compiles its step; the keystone tensors end where an eager run puts them, the frozen copies in sync."""
+    from torch._dynamo.utils import counters
+
+    runs = []
+    for compiled in (False, True):
+        torch.compiler.reset()
+        counters.clear()
+        tok, _, model, data, collator = _setup()
+        args = _args(tmp_path / str(compiled), max_grad_norm=1.0, torch_compile=compiled, seed=3, data_seed=3)
+        trainer = KeystoneTrainer(model=model, args=args, train_dataset=data, data_collator=collator,
+                                  processing_class=tok)
+        result = trainer.train()
+        optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+        assert optimizer.compile_step is compiled and result.global_step == 4
+        assert (counters["stats"]["unique_graphs"] >= 2) is compiled  # the model's graphs and the optimizer's
+        runs.append(model)
+    for p, q in zip(keystone_parameters(runs[0]), keystone_parameters(runs[1])):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)
+    for m in keystone_modules(runs[1]).values():
+        if m.weight_rows is not None:
+            assert torch.equal(m.frozen_weight[m.rows], m.weight_rows.detach().to(m.frozen_weight.dtype))
+
+
 def test_unpatched_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match="call keystone_kernels.patch"):
         keystone_optimizer(tiny_model("llama"), _args(tmp_path))

@@ -32,9 +32,15 @@ from ..utils.dist import is_distributed
 
 
 def keystone_optimizer(model: torch.nn.Module, args, backend: str | None = "auto") -> KeystoneAdamW:
-    """KeystoneAdamW over ``model``'s keystone tensors, with the optimizer settings of TrainingArguments ``args``."""
+    """KeystoneAdamW over ``model``'s keystone tensors, with the optimizer settings of TrainingArguments ``args``.
+
+    ``torch_compile=True`` in ``args`` (the Trainer then compiles the model) also compiles the optimizer's
+    device work: ``capturable=True, compile_step=True``.
+    """
+    compiled = bool(getattr(args, "torch_compile", False))
     return KeystoneAdamW.for_model(model, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                   eps=args.adam_epsilon, weight_decay=args.weight_decay, backend=backend)
+                                   eps=args.adam_epsilon, weight_decay=args.weight_decay, backend=backend,
+                                   capturable=compiled, compile_step=compiled)
 
 
 class KeystoneTrainer(Trainer):

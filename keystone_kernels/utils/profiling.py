@@ -1,4 +1,4 @@
-"""Peak memory of a piece of work on any device, from torch's own allocation records.
+"""Peak memory and op counts of a piece of work on any device, from torch's own records.
 
 On CUDA, ``torch.cuda.max_memory_allocated`` says it directly. On the CPU torch keeps no such
 counter, so :func:`peak_memory` runs the work under ``torch.profiler`` with ``profile_memory=True``
@@ -8,10 +8,47 @@ on top of what already existed; add :func:`tensor_bytes` of the model for the to
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# Ops that only describe a tensor (metadata, views, no kernel on any device).
+_NO_KERNEL = frozenset({
+    "aten.view", "aten._unsafe_view", "aten.as_strided", "aten.t", "aten.transpose", "aten.permute",
+    "aten.expand", "aten.reshape", "aten.unsqueeze", "aten.squeeze", "aten.slice", "aten.select",
+    "aten.alias", "aten.detach", "aten.split", "aten.split_with_sizes", "aten.unbind", "aten.narrow",
+    "aten.lift_fresh", "aten.empty", "aten.empty_strided", "aten.empty_like", "aten.new_empty",
+    "aten.new_empty_strided", "aten.sym_size", "aten.sym_stride", "aten.sym_numel", "aten.is_same_size",
+    "aten.set_", "aten.resize_",
+})
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket._qualified_op_name.replace("::", ".")
+        if name not in _NO_KERNEL and not name.startswith("profiler."):
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_device_ops(fn: Callable[[], object]) -> Counter:
+    """The ops ``fn()`` dispatches that would each be a device kernel (views and allocations left out).
+
+    Counted below autograd with a ``TorchDispatchMode``, so a backward's ops are counted too and a
+    custom op counts once (its own name), whatever kernel runs inside it. On a GPU each counted op is
+    about one launch: the host cost of an eager step scales with this number.
+    """
+    counter = _OpCounter()
+    with counter:
+        fn()
+    return counter.ops
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
