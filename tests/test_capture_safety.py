@@ -181,6 +181,9 @@ def test_torch_compile_of_opt_step_runs_it_eagerly_and_fullgraph_names_the_fix()
     opt_a = KeystoneAdamW(keystone_parameters(a), lr=1e-2, capturable=True)
     opt_b = KeystoneAdamW(keystone_parameters(b), lr=1e-2, capturable=True)
     torch.compiler.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     compiled = torch.compile(opt_a.step)
     for _ in range(2):
         for model, step in ((a, compiled), (b, opt_b.step)):
@@ -190,6 +193,7 @@ def test_torch_compile_of_opt_step_runs_it_eagerly_and_fullgraph_names_the_fix()
     for p, q in zip(keystone_parameters(a), keystone_parameters(b)):
         assert torch.equal(bits(p), bits(q))
     assert int(opt_a.state[keystone_parameters(a)[0]]["step"]) == 2
+    assert counters["stats"]["unique_graphs"] == 0  # nothing the step calls was compiled on its own either
     torch.compiler.reset()  # dynamo remembers that it skipped the frame
     with pytest.raises(Exception, match="compile_step=True"):
         torch.compile(opt_a.step, fullgraph=True)()

@@ -58,13 +58,15 @@ def _writes_frozen_weights(optimizer) -> bool:
             or isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer))
 
 
+# Each hook asks the optimizer first: under torch.compile(opt.step) dynamo traces these hooks, and the
+# live-layer set is a WeakSet that the garbage collector may change between a guard's trace and its install.
 def _before_any_step(optimizer, args, kwargs) -> None:
-    if has_live_layers() and not _writes_frozen_weights(optimizer):
+    if not _writes_frozen_weights(optimizer) and has_live_layers():
         _layers_of(optimizer)
 
 
 def _after_any_step(optimizer, args, kwargs) -> None:
-    if not has_live_layers() or _writes_frozen_weights(optimizer):
+    if _writes_frozen_weights(optimizer) or not has_live_layers():
         return
     for ref in _layers_of(optimizer):
         layer = ref()

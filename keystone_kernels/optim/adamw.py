@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Iterable
 from operator import attrgetter, is_
 
@@ -334,6 +335,9 @@ class KeystoneAdamW(torch.optim.Optimizer):
         self.capturable = bool(capturable)
         self.compile_step = compile_step
         self._compiled_update = None
+        self._eager_only_step = None
+        if "torch._dynamo" in sys.modules:  # a process that compiles: ready for torch.compile(opt.step)
+            self._make_eager_only_step()
         self.backend = backend
         self._last_grad_norm: float | Tensor | None = None
         self._skipped = 0
@@ -529,8 +533,24 @@ class KeystoneAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        if torch.compiler.is_compiling():  # torch.compile(opt.step): dynamo runs this frame eagerly instead
-            raise RuntimeError(_NOT_TRACEABLE)
+        if torch.compiler.is_compiling():  # torch.compile(opt.step)
+            if self._eager_only_step is None:
+                raise RuntimeError(_NOT_TRACEABLE)  # dynamo then runs this frame eagerly
+            return self._eager_only_step(closure)
+        loss = self._eager_step(closure)
+        if self._eager_only_step is None and "torch._dynamo" in sys.modules:
+            self._make_eager_only_step()
+        return loss
+
+    def _make_eager_only_step(self) -> None:
+        """The step with dynamo disabled in it and in everything it calls (``recursive``), for a traced
+        ``opt.step``: otherwise dynamo compiles each callee frame on its own, each a slow first step, and
+        guards on weak dictionaries that the garbage collector changes (an IndexError in a guard, seen).
+        Made only once torch._dynamo is loaded: importing it costs 1.3-1.8 s (measured), and only a
+        process that compiles loads it. A disabled function cannot be made inside a traced frame."""
+        self._eager_only_step = torch.compiler.disable(self._eager_step, recursive=True, reason=_NOT_TRACEABLE)
+
+    def _eager_step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
