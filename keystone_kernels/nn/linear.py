@@ -46,7 +46,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .. import ops
-from ..ops.checks import check_index
+from ..ops.checks import FLOAT_DTYPES, check_index
+from ..ops.dispatch import gather_wgrad_unchecked
 from ..utils.dist import REPLICA_GROUP_ATTR, GroupTag
 from ..utils.dtensor import is_dtensor, row_shard
 from .hooks import install_optimizer_hooks
@@ -103,11 +104,12 @@ class _KeystoneLinearFunction(torch.autograd.Function):
         grad_x = grad_rows = grad_cols = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_y @ _compute_view(frozen, grad_y.dtype)
+        wgrad = gather_wgrad_unchecked if dy.dtype in FLOAT_DTYPES else ops.gather_wgrad  # else: its clear error
         if need_rows:
-            grad_rows = ops.gather_wgrad(dy, saved_x.to(dy.dtype), rows, None, backend=ctx.backend)
+            grad_rows = wgrad(dy, saved_x.to(dy.dtype), rows, None, backend=ctx.backend)
         if need_cols:
             xc = saved_xc if saved_xc is not None else saved_x.index_select(1, cols)
-            grad_cols = ops.gather_wgrad(dy, xc.to(dy.dtype), col_rows, None, backend=ctx.backend)
+            grad_cols = wgrad(dy, xc.to(dy.dtype), col_rows, None, backend=ctx.backend)
         if need_bias:
             picked = dy if ctx.bias_all else dy.index_select(1, rows)  # the whole bias, or its rows R
             grad_bias = picked.sum(0, dtype=torch.float32)

@@ -19,6 +19,8 @@ write their own fp32 partial; the launcher sums the partials (no atomics: determ
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -98,14 +100,70 @@ def _copy_first(k: int, total: int) -> bool:
     return 2 * k <= total
 
 
+_sm_counts: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    count = _sm_counts.get(index)
+    if count is None:
+        count = _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return count
+
+
 def _default_splits(T: int, tiles: int, block_t: int, device: torch.device) -> int:
     """Split T when the output alone cannot fill the GPU (few keystone rows, many tokens)."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = triton.cdiv(2 * sms, max(tiles, 1))
+    want = triton.cdiv(2 * _sm_count(device), max(tiles, 1))
     # A slice shorter than 8 T-blocks spends more on its partial than it saves.
     return max(1, min(want, triton.cdiv(T, 8 * block_t)))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The launch of one problem shape: what to gather first, the tiles, the T split and the grid."""
+
+    copy_rows: bool
+    copy_cols: bool
+    block_n: int
+    block_m: int
+    block_t: int
+    splits: int
+    t_per_split: int
+    grid: tuple[int, int, int]
+    upcast: bool
+    precision: str
+
+
+# (T, out, in, n, m, has rows, has cols, dtype, device, overrides) -> _Plan. The shapes of a training
+# run repeat every step, so the Python arithmetic of a plan (about 20 us) runs once per shape.
+_plans: dict[tuple, _Plan] = {}
+
+
+def _plan(T: int, total_n: int, total_m: int, n: int, m: int, has_rows: bool, has_cols: bool, dtype: torch.dtype,
+          device: torch.device, copy_first: bool | None, splits: int | None, block_n: int | None,
+          block_m: int | None, block_t: int | None) -> _Plan:
+    key = (T, total_n, total_m, n, m, has_rows, has_cols, dtype, device, copy_first, splits, block_n, block_m, block_t)
+    plan = _plans.get(key)
+    if plan is not None:
+        return plan
+    copy_rows = has_rows and (_copy_first(n, total_n) if copy_first is None else copy_first)
+    copy_cols = has_cols and (_copy_first(m, total_m) if copy_first is None else copy_first)
+    # tl.dot needs every block dimension >= 16.
+    block_n = block_n or (16 if n <= 16 else 32 if n <= 32 else 64)
+    block_m = block_m or (64 if m >= 64 else 32 if m > 16 else 16)
+    block_t = block_t or (32 if dtype == torch.float32 else 64)
+    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    splits = splits or _default_splits(T, tiles, block_t, device)
+    t_per_split = triton.cdiv(triton.cdiv(T, splits), block_t) * block_t
+    splits = triton.cdiv(T, t_per_split)  # no empty slice
+    upcast = interpreting() and dtype == torch.bfloat16
+    plan = _Plan(copy_rows, copy_cols, block_n, block_m, block_t, splits, t_per_split,
+                 (triton.cdiv(n, block_n), triton.cdiv(m, block_m), splits), upcast,
+                 "ieee" if upcast or dtype == torch.float32 else "tf32")
+    _plans[key] = plan
+    return plan
 
 
 def gather_wgrad(
@@ -123,7 +181,8 @@ def gather_wgrad(
     """Launcher. grad_out [T, out], x [T, in] (fp32/bf16/fp16) -> fp32 [len(rows) or out, len(cols) or in].
 
     ``copy_first`` (gather both indices before the kernel: True, in it: False, by density: None),
-    ``splits`` and ``block_*`` override the tuning; tests use them to reach every code path.
+    ``splits`` and ``block_*`` override the tuning; tests use them to reach every code path. The
+    tuning of each shape is computed once (:func:`_plan`).
     """
     check_device("gather_wgrad", grad_out, x)
     T = grad_out.shape[0]
@@ -131,25 +190,17 @@ def gather_wgrad(
     m = x.shape[1] if cols is None else cols.shape[0]
     if n == 0 or m == 0 or T == 0:
         return grad_out.new_zeros((n, m), dtype=torch.float32)
+    plan = _plan(T, grad_out.shape[1], x.shape[1], n, m, rows is not None, cols is not None, grad_out.dtype,
+                 grad_out.device, copy_first, splits, block_n, block_m, block_t)
     with on_device(grad_out):
-        if rows is not None and (_copy_first(n, grad_out.shape[1]) if copy_first is None else copy_first):
+        if plan.copy_rows:
             grad_out, rows = grad_out.index_select(1, rows), None
-        if cols is not None and (_copy_first(m, x.shape[1]) if copy_first is None else copy_first):
+        if plan.copy_cols:
             x, cols = x.index_select(1, cols), None
-        # tl.dot needs every block dimension >= 16.
-        block_n = block_n or (16 if n <= 16 else 32 if n <= 32 else 64)
-        block_m = block_m or (64 if m >= 64 else 32 if m > 16 else 16)
-        block_t = block_t or (32 if grad_out.dtype == torch.float32 else 64)
-        tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-        splits = splits or _default_splits(T, tiles, block_t, grad_out.device)
-        t_per_split = triton.cdiv(triton.cdiv(T, splits), block_t) * block_t
-        splits = triton.cdiv(T, t_per_split)  # no empty slice
         # One slice writes the result directly; several write partials that are summed below.
-        out_shape = (n, m) if splits == 1 else (splits, n, m)
+        out_shape = (n, m) if plan.splits == 1 else (plan.splits, n, m)
         out = torch.empty(out_shape, dtype=torch.float32, device=grad_out.device)
-        upcast = interpreting() and grad_out.dtype == torch.bfloat16
-        grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), splits)
-        _gather_wgrad_kernel[grid](
+        _gather_wgrad_kernel[plan.grid](
             grad_out,
             x,
             rows,
@@ -158,7 +209,7 @@ def gather_wgrad(
             T,
             n,
             m,
-            t_per_split,
+            plan.t_per_split,
             grad_out.stride(0),
             grad_out.stride(1),
             x.stride(0),
@@ -167,14 +218,14 @@ def gather_wgrad(
             HAS_COLS=cols is not None,
             # The Triton 3.x interpreter miscomputes tl.dot on bf16 operands; fp32 products of bf16
             # values are exact, so upcasting there changes nothing but speed.
-            UPCAST=upcast,
-            PRECISION="ieee" if upcast or grad_out.dtype == torch.float32 else "tf32",
-            BLOCK_N=block_n,
-            BLOCK_M=block_m,
-            BLOCK_T=block_t,
+            UPCAST=plan.upcast,
+            PRECISION=plan.precision,
+            BLOCK_N=plan.block_n,
+            BLOCK_M=plan.block_m,
+            BLOCK_T=plan.block_t,
             num_warps=4,
         )
-        return out if splits == 1 else out.sum(0)
+        return out if plan.splits == 1 else out.sum(0)
 
 
 @torch.library.custom_op("keystone_triton::gather_wgrad", mutates_args=())
