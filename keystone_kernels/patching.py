@@ -337,13 +337,10 @@ def planned_shapes(model: nn.Module, mask: KeystoneMask, modules: dict | None = 
         if f"{key}.weight" in dense:
             continue
         weight, bias = arch.weight_2d(model, key)
-        out, inp = weight.shape
-        rows = len(indices[key].rows) if key in indices else 0
-        cols = len(indices[key].cols) if key in indices else 0
-        if rows:
-            shapes[f"{key}.weight_rows"] = (rows, inp)
-        if cols:
-            shapes[f"{key}.weight_cols"] = (out - rows, cols)
-        if bias is not None and (key in whole_bias or (train_bias and rows)):
-            shapes[f"{key}.bias_rows"] = (out,) if key in whole_bias else (rows,)
+        empty = torch.empty(0, dtype=torch.int64)
+        rows, cols = (indices[key].rows, indices[key].cols) if key in indices else (empty, empty)
+        meta_bias = None if bias is None else torch.empty(weight.shape[0], device="meta")
+        values = KeystoneLinear.keystone_values(torch.empty(tuple(weight.shape), device="meta"), meta_bias, rows, cols,
+                                                "all" if key in whole_bias else bool(train_bias))
+        shapes.update({f"{key}.{attr}": tuple(t.shape) for attr, t in values.items()})
     return shapes

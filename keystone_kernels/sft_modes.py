@@ -25,11 +25,11 @@ from torch import nn
 
 from .integrations.lora import add_lora, load_lora_weights, lora_optimizer, merge_lora, save_lora
 from .mask import KeystoneMask
+from .nn.parameter import kind_of
 from .optim import KeystoneAdamW
 from .patching import load_adapter, merge, patch
 from .serialization.adapter import read_adapter, save_adapter
 from .sft_config import MODES
-from .state import trainable_parameters
 
 __all__ = ["Mode", "mode_of"]
 
@@ -132,16 +132,15 @@ class PaperMode(KeystoneMode):
     also_train = "paper"
 
     def optimizer(self, model, config):
-        decay, no_decay = [], []
         norms = {id(p) for m in model.modules() if "norm" in type(m).__name__.lower() for p in m.parameters()}
         names = {id(p): n for n, p in model.named_parameters()}
-        for p in trainable_parameters(model):
-            kind = getattr(p, "_keystone_kind", None)
-            bias = kind == "bias" or names.get(id(p), "").endswith("bias")
-            (no_decay if bias or id(p) in norms else decay).append(p)
-        groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return KeystoneAdamW([g for g in groups if g["params"]], lr=config.learning_rate,
-                             max_grad_norm=config.max_grad_norm, **optimizer_settings(config))
+
+        def no_decay(p):  # a bias (a keystone one, or a dense one by name) or a norm's tensor
+            return kind_of(p) == "bias" or names.get(id(p), "").endswith("bias") or id(p) in norms
+
+        return KeystoneAdamW.for_model(model, no_decay=no_decay, lr=config.learning_rate,
+                                       weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm,
+                                       **optimizer_settings(config))
 
 
 class PaperWithoutKeystoneMode(PaperMode):

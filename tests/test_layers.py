@@ -9,6 +9,7 @@ and third-party imports inside functions only for the reasons in :data:`LAZY_THI
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,16 @@ def test_every_module_is_placed_once():
     assert len(LAYERS) == len(set(LAYERS)), "a module is listed twice"
     assert set(LAYERS) == set(MODULES), (f"not placed: {sorted(set(MODULES) - set(LAYERS))}; "
                                          f"listed but missing: {sorted(set(LAYERS) - set(MODULES))}")
+
+
+def test_design_doc_names_every_module():
+    """docs/design.md section 2 names each module in backticks by its dotted name (``utils.io``; the package
+    itself as ``keystone_kernels``)."""
+    text = (PACKAGE.parent / "docs" / "design.md").read_text(encoding="utf-8")
+    section = text.split("\n## 2.", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`([^`\s]+)`", section))
+    missing = sorted(name or "keystone_kernels" for name in MODULES if (name or "keystone_kernels") not in named)
+    assert not missing, f"docs/design.md section 2 does not name: {missing}"
 
 
 @pytest.mark.parametrize("name", LAYERS)

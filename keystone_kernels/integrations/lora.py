@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .. import arch
+from ..nn.parameter import kind_of
 from ..state import is_patched, keystone_parameters, projection_paths
 from ..utils.peft import is_peft_model, require_peft
 
@@ -143,7 +144,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Trainable parameters that are not keystone tensors (PEFT adapters, ``modules_to_save`` copies)."""
-    return [p for p in model.parameters() if p.requires_grad and getattr(p, "_keystone_kind", None) is None]
+    return [p for p in model.parameters() if p.requires_grad and kind_of(p) is None]
 
 
 def composed_param_groups(model: nn.Module, adapter_lr: float | None = None,

@@ -19,9 +19,10 @@ for the weight gradient when it has neither.
 **The layer's contract** (what optimizers, I/O and sharding read, declared here and nowhere else):
 :data:`~keystone_kernels.nn.parameter.KIND_ATTRS` names its keystone tensors; :meth:`KeystoneLinear.writes`
 says where each one writes in the frozen weight (the optimizer's flat layout, ``sync_frozen``, merge
-and the sharded scatter all use it); the class attributes ``sharded``, ``replica_group``,
-``fingerprint_at`` / ``fingerprint_sample`` are the state that FSDP2 sharding and meta-device
-loading set on it.
+and the sharded scatter all use it), and :meth:`KeystoneLinear.keystone_values` takes each one's values
+from a whole weight (the constructor, base-checkpoint loading and ``planned_shapes`` use it); the
+class attributes ``sharded``, ``replica_group``, ``fingerprint_at`` / ``fingerprint_sample`` are the
+state that FSDP2 sharding and meta-device loading set on it.
 
 **No update may miss the frozen weight** (docs/design.md, "Keeping the frozen weight in sync").
 Whoever changes a keystone tensor, the forward, ``merge`` and ``save_pretrained`` use the new value:
@@ -55,9 +56,9 @@ from .parameter import (
     KEYSTONE_ATTRS,
     KIND_ATTRS,
     KeystoneParameter,
-    OwnerRef,
     layout_changed,
     register_layer,
+    tag,
 )
 
 __all__ = ["KeystoneLinear", "KeystoneWrite"]
@@ -219,18 +220,13 @@ class KeystoneLinear(nn.Module):
         col_rows = _complement(self._host_index[0], out_features)
         col_rows = None if col_rows is None else col_rows.to(device)
         self.register_buffer("col_rows", col_rows, persistent=False)
-        # fp32 masters start from the original values, not from their frozen_dtype rounding
-        self.weight_rows = nn.Parameter(weight.index_select(0, rows).float()) if len(rows) else None
-        cols_src = weight if col_rows is None else weight.index_select(0, col_rows)
-        self.weight_cols = nn.Parameter(cols_src.index_select(1, cols).float()) if len(cols) else None
         if train_bias not in (True, False, "all"):
             raise ValueError(f"train_bias must be True, False or 'all', got {train_bias!r}")
         self.bias_all = train_bias == "all" and bias is not None  # the whole bias trains, not only rows R
-        if self.bias_all:
-            self.bias_rows = nn.Parameter(bias.detach().float().clone())
-        else:
-            self.bias_rows = (nn.Parameter(bias.detach().index_select(0, rows).float())
-                              if bias is not None and train_bias and len(rows) else None)
+        # fp32 masters start from the original values, not from their frozen_dtype rounding
+        masters = self.keystone_values(weight, bias, *self._host_index, train_bias)
+        for attr in KEYSTONE_ATTRS:  # in this order: rows, cols, bias (the state dict's order)
+            setattr(self, attr, nn.Parameter(masters[attr]) if attr in masters else None)
         self._synced_versions: tuple[int, ...] | None = None  # keystone tensors' versions at the last scatter
         self._validate_indices()
         self._tag_parameters()
@@ -263,8 +259,7 @@ class KeystoneLinear(nn.Module):
                 continue
             if type(p) is nn.Parameter:  # in place, so that every reference to it sees edits counted
                 p.__class__ = KeystoneParameter
-            p._keystone_owner = OwnerRef(self)
-            p._keystone_kind = kind
+            tag(p, self, kind)
             if self.replica_group is not None:
                 setattr(p, REPLICA_GROUP_ATTR, self.replica_group)
             if kind == "cols":
@@ -279,6 +274,36 @@ class KeystoneLinear(nn.Module):
         self.__dict__["_versioned"] = tuple(w.param for w in writes)
         self.__dict__["_writes"] = tuple(writes)
         self.__dict__["_shard_parts"] = {}
+
+    @staticmethod
+    def keystone_values(weight: Tensor | None, bias: Tensor | None, rows: Tensor, cols: Tensor,
+                        train_bias: bool | str = True) -> dict[str, Tensor]:
+        """``{attribute: fp32 values}`` of the keystone tensors a layer over ``weight`` / ``bias`` holds: where each
+        keystone tensor sits in the frozen weight, the inverse of :meth:`writes`.
+
+        ``weight`` ``[out, in]`` gives ``weight_rows`` = ``weight[R, :]`` (when R is not empty) and
+        ``weight_cols`` = ``weight[not R][:, C]`` (when C is not empty); ``bias`` ``[out]`` gives ``bias_rows`` =
+        ``bias[R]`` (``train_bias`` true and R not empty) or the whole bias (``train_bias="all"``). A None
+        tensor gives none of its entries. ``rows`` / ``cols``: int64 sorted unique indices on the CPU. On the
+        meta device this gives the shapes only. The constructor, :meth:`load_base_tensors` and
+        :func:`~keystone_kernels.patching.planned_shapes` all ask it.
+        """
+        out = {}
+        if weight is not None:
+            weight = weight.detach()
+            if len(rows):
+                out[KIND_ATTRS["rows"]] = weight.index_select(0, rows.to(weight.device)).float()
+            if len(cols):
+                others = _complement(rows, weight.shape[0])
+                src = weight if others is None else weight.index_select(0, others.to(weight.device))
+                out[KIND_ATTRS["cols"]] = src.index_select(1, cols.to(weight.device)).float()
+        if bias is not None:
+            bias = bias.detach()
+            if train_bias == "all":
+                out[KIND_ATTRS["bias"]] = bias.float().clone()
+            elif train_bias and len(rows):
+                out[KIND_ATTRS["bias"]] = bias.index_select(0, rows.to(bias.device)).float()
+        return out
 
     def writes(self) -> tuple[KeystoneWrite, ...]:
         """Where each keystone tensor writes in the frozen storage, in the order rows, cols, bias.
@@ -455,13 +480,9 @@ class KeystoneLinear(nn.Module):
                 layout = " transposed (Conv1D)" if self.transposed else ""
                 raise ValueError(f"{prefix}weight has shape {tuple(weight.shape)}, expected "
                                  f"{(self.out_features, self.in_features)}{layout}")
-            rows, cols = self._host_index
             state_dict[prefix + "frozen_weight"] = w.to(self.frozen_weight.dtype)
-            if len(rows):
-                state_dict[prefix + "weight_rows"] = w.index_select(0, rows.to(w.device)).float()
-            if len(cols):
-                src = w if not len(rows) else w.index_select(0, _complement(rows, self.out_features).to(w.device))
-                state_dict[prefix + "weight_cols"] = src.index_select(1, cols.to(w.device)).float()
+            for attr, values in self.keystone_values(w, None, *self._host_index).items():
+                state_dict[prefix + attr] = values
             if self.fingerprint_at is not None:
                 r, c = self.fingerprint_at
                 self.fingerprint_sample = w[r.to(w.device), c.to(w.device)].to(torch.bfloat16).float().cpu()
@@ -470,10 +491,9 @@ class KeystoneLinear(nn.Module):
             bias = state_dict.pop(prefix + "bias", None)
         if bias is not None:
             state_dict[prefix + "frozen_bias"] = bias.to(self.frozen_bias.dtype)
-            if self.bias_all:
-                state_dict[prefix + "bias_rows"] = bias.float()
-            elif self.bias_rows is not None:
-                state_dict[prefix + "bias_rows"] = bias.index_select(0, self._host_index[0].to(bias.device)).float()
+            train_bias = "all" if self.bias_all else self.bias_rows is not None
+            for attr, values in self.keystone_values(None, bias, *self._host_index, train_bias).items():
+                state_dict[prefix + attr] = values
 
     # ------------------------------------------------------------------ nn.Module plumbing
 

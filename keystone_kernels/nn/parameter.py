@@ -3,7 +3,8 @@
 A keystone tensor is a :class:`KeystoneParameter` tagged with a weak reference to the
 :class:`~keystone_kernels.nn.linear.KeystoneLinear` that owns it and its kind (``"rows"``,
 ``"cols"``, ``"bias"``; :data:`KIND_ATTRS` names the layer attribute of each). Optimizers find
-the frozen weight a tensor writes into through :func:`owner_of`.
+the frozen weight a tensor writes into through :func:`owner_of`; :func:`kind_of` and :func:`tagged_owner` read
+the tag unchecked (for messages and saved layouts), and :func:`tag` is the one writer of it.
 
 What an optimizer caches about a layer (the addresses of its frozen weight, its index tensors,
 its keystone tensors living in the optimizer's arenas) goes stale when the layer's tensors move
@@ -22,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["KIND_ATTRS", "KEYSTONE_ATTRS", "KeystoneParameter", "OwnerRef", "rebind_data", "layout_epoch",
-           "watch_layout", "layout_changed", "register_layer", "has_live_layers", "find_owner", "owner_of"]
+           "watch_layout", "layout_changed", "register_layer", "has_live_layers", "find_owner", "owner_of", "tag",
+           "kind_of", "tagged_owner"]
 
 #: kind of keystone tensor -> the KeystoneLinear attribute that holds it
 KIND_ATTRS = {"rows": "weight_rows", "cols": "weight_cols", "bias": "bias_rows"}
@@ -85,8 +87,7 @@ class KeystoneParameter(nn.Parameter):
     def data(self, value: Tensor) -> None:
         _set_data(self, value)
         torch.autograd.graph.increment_version(self)
-        owner = getattr(self, "_keystone_owner", None)
-        layout_changed(owner() if owner is not None else None, "a keystone tensor's .data was replaced")
+        layout_changed(tagged_owner(self), "a keystone tensor's .data was replaced")
 
     def __repr__(self) -> str:
         return "KeystoneParameter containing:\n" + repr(self.detach())
@@ -119,6 +120,26 @@ class OwnerRef:
 
     def __reduce__(self):
         return (OwnerRef, ())
+
+
+def tag(p: Tensor, layer: nn.Module, kind: str) -> None:
+    """Tag ``p`` as the ``kind`` (``"rows"``, ``"cols"``, ``"bias"``) keystone tensor of ``layer`` (weakly held)."""
+    p._keystone_owner = OwnerRef(layer)
+    p._keystone_kind = kind
+
+
+def kind_of(p: Tensor) -> str | None:
+    """The kind ``p`` is tagged with (``"rows"``, ``"cols"``, ``"bias"``), or None for an untagged tensor.
+
+    The tag as it is, unchecked: :func:`owner_of` says whether stepping ``p`` still reaches a live layer.
+    """
+    return getattr(p, "_keystone_kind", None)
+
+
+def tagged_owner(p: Tensor) -> nn.Module | None:
+    """The layer ``p``'s tag points to, or None (untagged, or the layer was freed); unchecked, as :func:`kind_of`."""
+    ref = getattr(p, "_keystone_owner", None)
+    return ref() if ref is not None else None
 
 
 def register_layer(layer: nn.Module) -> None:
@@ -170,7 +191,7 @@ def owner_of(p: Tensor) -> tuple[nn.Module, str] | None:
             f"a keystone tensor of shape {tuple(p.shape)} belongs to a KeystoneLinear that was "
             f"{'freed' if owner is None else 'merged'}: stepping it would update nothing the model uses. "
             "Build a new optimizer over keystone_parameters(model) of the live patched model.")
-    kind = p._keystone_kind
+    kind = kind_of(p)
     if owner._parameters.get(KIND_ATTRS[kind]) is not p:
         raise ValueError(
             f"a keystone tensor of shape {tuple(p.shape)} is no longer its module's {KIND_ATTRS[kind]} (a wrapper "

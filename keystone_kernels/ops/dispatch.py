@@ -202,8 +202,8 @@ def gather_wgrad(
 
 def gather_wgrad_unchecked(grad_out: Tensor, x: Tensor, rows: Tensor | None, cols: Tensor | None, *,
                            backend: str | None = None) -> Tensor:
-    """:func:`gather_wgrad` without its argument checks (five tensor and index checks, about 10 us of
-    host time per call on the CPU: bench/host_overhead.py).
+    """:func:`gather_wgrad` without its argument checks (five tensor and index checks, whose host time per
+    call bench/host_overhead.py measures: bench/results/host_overhead_cpu).
 
     For KeystoneLinear's backward, whose operands are consistent by construction (one dtype, one
     device, ``T`` shared) and whose indices were validated when the layer was built or moved. An

@@ -46,14 +46,14 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from operator import attrgetter, is_
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..nn.parameter import KIND_ATTRS, owner_of, rebind_data, watch_layout
+from ..nn.parameter import KIND_ATTRS, kind_of, owner_of, rebind_data, tagged_owner, watch_layout
 from ..ops.dispatch import fused_adamw_scatter_unchecked
 from ..ops.layout import FlatLayout, Target, build_flat_layout, host_scalars
 from ..state import trainable_parameters
@@ -124,8 +124,7 @@ def _check_trainable(params: Iterable[Tensor]) -> None:
     """Raise for the first tensor with ``requires_grad=False``: autograd never gives it a gradient."""
     for k, p in enumerate(params):
         if not p.requires_grad:
-            kind = getattr(p, "_keystone_kind", None)
-            owner = getattr(p, "_keystone_owner", lambda: None)()
+            kind, owner = kind_of(p), tagged_owner(p)
             what = (f"the keystone {KIND_ATTRS[kind]} tensor of shape {tuple(p.shape)} of {owner!r}" if kind and owner
                     else f"tensor {k} of shape {tuple(p.shape)}")
             raise ValueError(
@@ -353,11 +352,24 @@ class KeystoneAdamW(torch.optim.Optimizer):
                                      f"{tuple(p.shape)}")
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, **settings) -> KeystoneAdamW:
+    def for_model(cls, model: torch.nn.Module, no_decay: Callable[[Tensor], bool] | None = None,
+                  **settings) -> KeystoneAdamW:
         """The optimizer over everything a patched model trains (its keystone tensors, and the dense parameters of
         ``patch(also_train=...)``), with ``settings`` as the constructor takes them. The one place the library
-        builds it."""
-        return cls(trainable_parameters(model), **settings)
+        builds it.
+
+        ``no_decay``: the tensors it picks form a second param group with ``weight_decay=0`` (as transformers'
+        Trainer leaves norms and biases undecayed); the others form the first, with ``settings``'
+        ``weight_decay`` (the constructor's default when not given), and an empty group is left out.
+        """
+        params = trainable_parameters(model)
+        if no_decay is None:
+            return cls(params, **settings)
+        decay = {"params": [p for p in params if not no_decay(p)]}
+        if "weight_decay" in settings:
+            decay["weight_decay"] = settings.pop("weight_decay")
+        groups = [decay, {"params": [p for p in params if no_decay(p)], "weight_decay": 0.0}]
+        return cls([g for g in groups if g["params"]], **settings)
 
     # ------------------------------------------------------------------ torch.optim contract
 
@@ -546,8 +558,9 @@ class KeystoneAdamW(torch.optim.Optimizer):
         """The step with dynamo disabled in it and in everything it calls (``recursive``), for a traced
         ``opt.step``: otherwise dynamo compiles each callee frame on its own, each a slow first step, and
         guards on weak dictionaries that the garbage collector changes (an IndexError in a guard, seen).
-        Made only once torch._dynamo is loaded: importing it costs 1.3-1.8 s (measured), and only a
-        process that compiles loads it. A disabled function cannot be made inside a traced frame."""
+        Made only once torch._dynamo is loaded: importing it is a cost measured once, see docs/design.md
+        (section 6), and only a process that compiles loads it. A disabled function cannot be made inside a
+        traced frame."""
         self._eager_only_step = torch.compiler.disable(self._eager_step, recursive=True, reason=_NOT_TRACEABLE)
 
     def _eager_step(self, closure=None):

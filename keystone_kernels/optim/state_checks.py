@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..nn.parameter import KIND_ATTRS
+from ..nn.parameter import KIND_ATTRS, kind_of, tagged_owner
 
 __all__ = ["LAYOUT_KEY", "describe", "tensor_name", "check_saved_layout", "check_saved_tensor_state",
            "check_saved_group"]
@@ -25,16 +25,16 @@ _SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")
 
 def describe(p: Tensor) -> dict:
     """What tensor ``p`` is, for ``state_dict()``: its kind and shape, and its layer's rows and columns."""
-    owner = getattr(p, "_keystone_owner", lambda: None)()
+    owner = tagged_owner(p)
     if owner is None:
         return {"kind": "plain", "shape": list(p.shape)}
     rows, cols = owner.keystone_indices()
-    return {"kind": p._keystone_kind, "shape": list(p.shape), "layer": [owner.out_features, owner.in_features],
+    return {"kind": kind_of(p), "shape": list(p.shape), "layer": [owner.out_features, owner.in_features],
             "rows": rows.clone(), "cols": cols.clone()}
 
 
 def tensor_name(k: int, p: Tensor) -> str:
-    kind = getattr(p, "_keystone_kind", None)
+    kind = kind_of(p)
     what = f"{KIND_ATTRS[kind]} of shape {tuple(p.shape)}" if kind else f"shape {tuple(p.shape)}"
     return f"tensor {k} ({what})"
 

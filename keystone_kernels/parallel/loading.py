@@ -127,8 +127,9 @@ def _reinit_non_persistent(model: nn.Module) -> None:
             init(module)
 
 
-_BASE_NAMES = {"frozen_weight": "weight", "weight_rows": "weight", "weight_cols": "weight", "frozen_bias": "bias",
-               "bias_rows": "bias"}
+# a patched layer's tensor -> the base tensor it comes from: the frozen copies, and the keystone tensors of each kind
+_BASE_NAMES = {"frozen_weight": "weight", "frozen_bias": "bias",
+               **{attr: "bias" if kind == "bias" else "weight" for kind, attr in KeystoneLinear.KIND_ATTRS.items()}}
 
 
 def _base_name(name: str) -> str:

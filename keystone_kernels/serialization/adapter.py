@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import arch
 from ..mask import KeystoneMask
-from ..nn.parameter import KEYSTONE_ATTRS
+from ..nn.parameter import KEYSTONE_ATTRS, KIND_ATTRS
 from ..state import base_fingerprint, dense_parameters, is_patched, keystone_modules, patch_state
 from ..utils.dist import is_main_process
 from ..utils.io import atomic_path
@@ -77,7 +77,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
             if p is not None:
                 # a copy: p is a view of the optimizer's flat arena, and safetensors refuses shared storage
                 tensors[f"{name}.{attr}"] = p.detach().to("cpu", torch.float32, copy=True)
-                train_bias |= attr == "bias_rows" and not module.bias_all
+                train_bias |= attr == KIND_ATTRS["bias"] and not module.bias_all
     for name, p in dense_parameters(model).items():  # also_train: whole tensors, so the file is not tiny
         tensors[name] = p.detach().to("cpu", torch.float32, copy=True)
     metadata = {
