@@ -8,21 +8,21 @@
 #   2. build         just-in-time build of the extension with its CUDA kernels, in the background
 #   3. tests-triton  meanwhile: pytest -m gpu -k triton -n 8 (the compiled Triton kernels)
 #   4. tests-ext     once the build is done: pytest -m gpu -k "not triton" -n 8 (the CUDA extension)
-#   5. bench         keystone-kernels bench --device cuda --quick on Llama-3.1-8B shapes: optimizer step
-#                    and weight gradient at 0.1% and 1%, triton and ext; one Llama-3.2-1B train step
-#                    (1 x 512 tokens, 0.1%, default backend)
-#   6. hotpath       bench/gpu_hotpath.py: host syncs, host vs GPU time and kernel launches per
-#                    KeystoneAdamW.step(), capturable=False against capturable=True
-#   7. profile       bench/gpu_trainprofile.py: where the Llama-3.2-1B 1 x 512 train step spends its time,
-#                    dense against keystone, and keystone with its layers' weight grads on cuBLAS
-#                    (forward / backward / optimizer, top kernels, top host ops)
-#   8. pack          the logs into one tar, and the summary
+#   5. bench         keystone-kernels bench --device cuda --quick on Llama-3.1-8B shapes: host work per
+#                    tensor, optimizer step and weight gradient at 0.1% and 1%, triton and ext
+#   6. train         every side at its best (issue 20): the Llama-3.2-1B train step at 1 x 512 and
+#                    4 x 2048, 0.1%: dense AMP eager and compiled, dense pure bf16 compiled, keystone
+#                    and PEFT LoRA r=16 eager and compiled; 3 warm-up and 10 timed steps, host against
+#                    device time per phase. Rows in that order under a deadline inside the step's
+#                    limit: what does not fit is noted in the JSON, not run (compiling a 1B model
+#                    takes tens of seconds per row)
+#   7. pack          the logs into one tar, and the summary
 #
-# Results in $OUT (default ./out), 5 files: summary.txt (state and seconds of every step, test counts,
-# the benchmark tables and targets, the hot-path and profile tables, the final status line),
-# gpu_check_logs.tar.gz (every log, the junit XML, the benchmark's JSON / md / png, the hot-path and
-# profile JSON), and for quick reading bench_cuda_quick.json, gpu_hotpath.json and trainprofile.json. The full GPU benchmarks (every shape, the
-# pytest-benchmark suites) are bench/gpu_full.sh, for a second call.
+# Results in $OUT (default ./out), 4 files: summary.txt (state and seconds of every step, test counts,
+# the benchmark tables and targets, the final status line), gpu_check_logs.tar.gz (every log, the junit
+# XML, the benchmarks' JSON / md / png), and for quick reading bench_cuda_quick.json and
+# bench_cuda_train.json. The full GPU benchmarks (every shape, the pytest-benchmark suites) and the
+# hot-path probe and train-step profile are bench/gpu_full.sh, for a second call.
 #
 # Usage: bash bench/gpu_check.sh            (from anywhere; runs from the repository root)
 #   GPU_CHECK_DRY=1  print the steps, their exact commands, time limits and the total budget; run nothing
@@ -57,7 +57,7 @@ fi
 
 # --------------------------------------------------------------------------- the steps
 
-steps=(info build tests-triton tests-ext bench hotpath profile pack)
+steps=(info build tests-triton tests-ext bench train pack)
 # Time limits (seconds). The build runs in the background while the Triton tests run, so only the
 # build's limit counts for that stretch; the Triton tests' limit must stay inside it. Measured on an
 # H200 with 16 cores (2026-11-27, three runs; the summary records the seconds each step took):
@@ -66,25 +66,22 @@ steps=(info build tests-triton tests-ext bench hotpath profile pack)
 #                 cached in TORCH_EXTENSIONS_DIR, a rerun takes 6 s
 #   triton 95     ~500 tests over 8 workers, mostly Triton JIT compiles: 65 s (85 s with 91 failures)
 #   ext 65        ~390 tests over 8 workers: 51-54 s
-#   bench 85      bandwidth, the 8B optimizer step and weight grad, the 1B train step (dense and
-#                 keystone, each in a fresh process): 68-75 s
-#   hotpath 25    a 4-layer model, 2 x ~70 steps and 2 profiles: 17-19 s
-#   profile 55    three 1B train steps (dense, keystone, keystone@reference), 9 steps each, 2 profiled
-#                 (not measured yet; ~35 s expected)
+#   bench 55      bandwidth, the 8B optimizer step and weight grad: 68-75 s with the 1B train step
+#                 (dense and keystone, ~12 s each, now in the train step), so ~45 s expected
+#   train 113     not measured yet: ~10 s per eager row (a fresh process each), tens of seconds per
+#                 compiled one; the deadline (limit - 8 s) leaves time to write the tables
 #   pack 5        a tar of ~120 KB: 0 s
-declare -A limit=([info]=15 [build]=95 [tests-triton]=95 [tests-ext]=65 [bench]=85 [hotpath]=25 [profile]=55
-                  [pack]=5)
+declare -A limit=([info]=15 [build]=95 [tests-triton]=95 [tests-ext]=65 [bench]=55 [train]=113 [pack]=5)
 declare -A mode=([info]=sequential [build]=background [tests-triton]=concurrent [tests-ext]=sequential
-                 [bench]=sequential [hotpath]=sequential [profile]=sequential [pack]=sequential)
+                 [bench]=sequential [train]=sequential [pack]=sequential)
 declare -A what=(
   [info]="machine and versions into info.txt; exits 1 without a CUDA device (then every step but pack is skipped)"
   [build]="JIT build of the extension with its CUDA kernels (ninja, verbose log); started in the background"
   [tests-triton]="the gpu tests of the Triton backend, while the build runs (inside the build's ${limit[build]} s)"
   [tests-ext]="after waiting for the build: every other gpu test (the CUDA extension); skipped if the build failed"
-  [bench]="Llama-3.1-8B optimizer step + weight grad at 0.1%, 1% (triton, ext) and a Llama-3.2-1B 1x512 train step; --backends triton if the build failed"
-  [hotpath]="syncs, host vs GPU time and launches per KeystoneAdamW.step(), capturable=False / True"
-  [profile]="Llama-3.2-1B 1x512 train step, dense vs keystone (Triton / cuBLAS weight grads): phases, top kernels, host ops"
-  [pack]="tar the logs into \$OUT/gpu_check_logs.tar.gz, write \$OUT/summary.txt, copy the three JSONs"
+  [bench]="host work, Llama-3.1-8B optimizer step + weight grad at 0.1%, 1% (triton, ext); --backends triton if the build failed"
+  [train]="Llama-3.2-1B train step at 1x512 and 4x2048: dense, keystone and LoRA r=16, eager and compiled, under a deadline"
+  [pack]="tar the logs into \$OUT/gpu_check_logs.tar.gz, write \$OUT/summary.txt, copy the two JSONs"
 )
 
 q() { printf '%q' "$1"; }
@@ -94,19 +91,19 @@ O=$(q "$out")
 info_py='import sys, torch, importlib.util as u; ok = torch.cuda.is_available(); print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda); print({m: (__import__(m).__version__ if u.find_spec(m) else None) for m in ("triton", "transformers")}); print("device", torch.cuda.get_device_name() if ok else "NONE: torch sees no CUDA device"); sys.exit(0 if ok else 1)'
 build_py='from keystone_kernels.ops import ext; print("loaded from", ext.load(verbose=True)); assert ext.has_cuda(), "the extension has no CUDA kernels"'
 pytest_args="-m gpu -n 8 -q -rfEs --durations=10 -p no:cacheprovider"
-bench_args="--device cuda --quick --shapes llama-3.1-8b --parts host,optimizer,wgrad,train --fractions 0.1%,1% --train-steps llama-3.2-1b:1x512"
+bench_args="--device cuda --quick --shapes llama-3.1-8b --parts host,optimizer,wgrad --fractions 0.1%,1%"
+train_args="--device cuda --quick --parts train --train-steps llama-3.2-1b:1x512,llama-3.2-1b:4x2048 --lora-ranks 16 --train-compiled --train-deadline $(( limit[train] - 8 )) --name bench_cuda_train"
 declare -A cmd=(
   [info]="{ date -u +%Y-%m-%dT%H:%M:%SZ; echo \"cpus \$(nproc)\"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || echo 'nvidia-smi failed'; nvcc --version | tail -n 1; git rev-parse HEAD; $P -c '$info_py'; } >$L/info.txt 2>&1"
   [build]="$P -c '$build_py' >$L/build.log 2>&1"
   [tests-triton]="$P -m pytest tests $pytest_args -k triton --junitxml=$L/junit-triton.xml >$L/pytest-triton.log 2>&1"
   [tests-ext]="$P -m pytest tests $pytest_args -k 'not triton' --junitxml=$L/junit-ext.xml >$L/pytest-ext.log 2>&1"
   [bench]="$P -m keystone_kernels bench $bench_args --backends triton,ext --out $L/bench >$L/bench.log 2>&1"
-  [hotpath]="$P bench/gpu_hotpath.py --device cuda --out $L/gpu_hotpath.json >$L/hotpath.log 2>&1"
-  [profile]="$P bench/gpu_trainprofile.py --device cuda --shape llama-3.2-1b --batch 1 --seq 512 --sides dense,keystone,keystone@reference --out $L/trainprofile >$L/trainprofile.log 2>&1"
+  [train]="$P -m keystone_kernels bench $train_args --out $L/bench >$L/train.log 2>&1"
   [pack]="tar -czf $O/gpu_check_logs.tar.gz -C $L ."
 )
 declare -A log=([info]=info.txt [build]=build.log [tests-triton]=pytest-triton.log [tests-ext]=pytest-ext.log
-                [bench]=bench.log [hotpath]=hotpath.log [profile]=trainprofile.log [pack]="")
+                [bench]=bench.log [train]=train.log [pack]="")
 
 # The wall-time budget: the limits of the steps in line (a concurrent one runs inside the background
 # one), plus the kill grace of each.
@@ -185,8 +182,8 @@ write_summary() {
     done
     for s in "${steps[@]}"; do  # what went wrong, where it did (info above; hotpath and a bench report below)
       case ${state[$s]} in FAILED*|TIMEOUT*) ;; *) continue ;; esac
-      case $s in info|hotpath|profile) continue ;; esac
-      [ "$s" = bench ] && grep -q '^machine:' "$logs/bench.log" 2>/dev/null && continue
+      [ "$s" = info ] && continue
+      case $s in bench|train) grep -q '^machine:' "$logs/${log[$s]}" 2>/dev/null && continue ;; esac
       echo "--- $s: end of ${log[$s]}"
       tail_of "$s" 15
     done
@@ -194,13 +191,10 @@ write_summary() {
       echo "--- bench (tables and targets; every number in bench_cuda_quick.json)"
       sed -n '/^machine:/,$p' "$logs/bench.log"
     fi
-    if [ -f "$logs/hotpath.log" ]; then
-      echo "--- hotpath"
-      cat "$logs/hotpath.log"
-    fi
-    if [ -f "$logs/trainprofile.log" ]; then
-      echo "--- profile"
-      cat "$logs/trainprofile.log"
+    if [ -f "$logs/train.log" ]; then
+      echo "--- train (every side at its best; every number in bench_cuda_train.json)"
+      grep -E '^  |^train step' "$logs/train.log"  # the rows as they ran, then the tables
+      sed -n '/^machine:/,$p' "$logs/train.log"
     fi
   } >"$out/summary.txt"
 }
@@ -215,7 +209,7 @@ finish() {  # always: stop a build still running, pack, summarize, print the sta
   write_summary  # first into the logs too, so the tar holds it
   cp "$out/summary.txt" "$logs/summary.txt" 2>/dev/null
   run_step pack
-  for f in bench/bench_cuda_quick.json gpu_hotpath.json trainprofile/trainprofile.json; do
+  for f in bench/bench_cuda_quick.json bench/bench_cuda_train.json; do
     [ -f "$logs/$f" ] && cp "$logs/$f" "$out/"
   done
   local failed=() skipped=() s
@@ -242,7 +236,7 @@ echo "gpu_check: logs in $logs, results in $out, budget $budget s"
 run_step info
 cat "$logs/info.txt"
 if [ "${state[info]}" != ok ]; then
-  for s in build tests-triton tests-ext bench hotpath profile; do skip "$s" "the info step failed (no CUDA device?)"; done
+  for s in build tests-triton tests-ext bench train; do skip "$s" "the info step failed (no CUDA device?)"; done
   exit 1
 fi
 
@@ -266,11 +260,11 @@ if [ "$build_rc" -ne 0 ]; then
   rm -f "$TORCH_EXTENSIONS_DIR"/*/keystone_ext_cuda/lock
   skip tests-ext "the extension did not build"
   cmd[bench]=${cmd[bench]/--backends triton,ext/--backends triton}
+  cmd[train]="${cmd[train]/--quick/--quick --backends triton}"
 else
   run_step tests-ext
 fi
 
 run_step bench
-run_step hotpath
-run_step profile
+run_step train
 exit 0  # the EXIT trap packs, summarizes and sets the status

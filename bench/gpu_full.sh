@@ -16,6 +16,17 @@
 #                   LoRA r = 8, 16, 64 and (with Liger-Kernel) keystone + Liger, LoRA r=16 + Liger,
 #                   limit BENCH_LORA_TIMEOUT (default 110 s) -> bench_cuda_lora.json / .md / .png
 #
+#   6. hotpath      (not in the default STEPS) bench/gpu_hotpath.py: host syncs, host vs GPU time and kernel
+#                   launches per KeystoneAdamW.step(), capturable=False against True, limit HOTPATH_TIMEOUT (25 s)
+#   7. profile      (not in the default STEPS) bench/gpu_trainprofile.py: where the Llama-3.2-1B 1 x 512
+#                   train step spends its time, dense against keystone and keystone with cuBLAS weight
+#                   grads (phases, top kernels, top host ops), limit PROFILE_TIMEOUT (55 s)
+#   8. bench-best   (not in the default STEPS) every side at its best, as gpu_check.sh's train step but
+#                   with no deadline: every row of 1 x 512 and 4 x 2048, limit BENCH_BEST_TIMEOUT (400 s)
+#
+# A second command: STEPS="build hotpath profile bench-best" (reuses the build; limits 150 + 480 s at
+# most; with the build cached it takes seconds).
+#
 # Liger-Kernel is not on the GPU machine and it has no network: steps 4 and 5 use it when python can
 # import liger_kernel, or when $LIGER_WHEELS (default ./.wheels, ignored by git) holds its wheel,
 # made here with `pip download --no-deps liger-kernel -d .wheels` and carried to the machine;
@@ -23,8 +34,8 @@
 #
 # Results in $OUT (default ./out), 5 files at most: summary_full.txt (state of each step, the
 # benchmark's tables and targets, the status line), gpu_full_logs.tar.gz (logs, bench_cuda*.json /
-# .md / .png, pytest-benchmark-cuda.json), and bench_cuda.json, bench_cuda_lora.json and
-# pytest-benchmark-cuda.json. Usage: bash bench/gpu_full.sh   env: PYTHON (default python3), OUT,
+# .md / .png, pytest-benchmark-cuda.json, gpu_hotpath.json, trainprofile.json), and bench_cuda.json,
+# bench_cuda_lora.json, bench_cuda_best.json and pytest-benchmark-cuda.json. Usage: bash bench/gpu_full.sh   env: PYTHON (default python3), OUT,
 # TORCH_EXTENSIONS_DIR, LIGER_WHEELS, STEPS (default "build bench-pytest bench-full liger-test
 # bench-lora": a subset runs only those) and the limits above, which add up to 595 s. Exit status 0
 # when every step that ran passed (a cut-short bench counts as passed).
@@ -118,6 +129,25 @@ if want bench-lora; then
   case $LAST_RC in 0|124|137) ;; *) status=1 ;; esac
 fi
 
+if want hotpath; then
+  step hotpath "${HOTPATH_TIMEOUT:-25}" hotpath.log "$py" bench/gpu_hotpath.py --device cuda --out "$logs/gpu_hotpath.json"
+  [ "$LAST_RC" -eq 0 ] || status=1
+fi
+
+if want profile; then
+  step profile "${PROFILE_TIMEOUT:-55}" trainprofile.log "$py" bench/gpu_trainprofile.py --device cuda \
+    --shape llama-3.2-1b --batch 1 --seq 512 --sides dense,keystone,keystone@reference --out "$logs/trainprofile"
+  [ "$LAST_RC" -eq 0 ] || status=1
+fi
+
+if want bench-best; then
+  step bench-best "${BENCH_BEST_TIMEOUT:-400}" bench-best.log \
+    "$py" -m keystone_kernels bench --device cuda --backends "$backends" --quick --parts train \
+      --train-steps llama-3.2-1b:1x512,llama-3.2-1b:4x2048 --lora-ranks 16 --train-compiled --name bench_cuda_best \
+      --out "$logs/bench"
+  case $LAST_RC in 0|124|137) ;; *) status=1 ;; esac
+fi
+
 {
   echo "gpu_full summary, $(date -u +%Y-%m-%dT%H:%M:%SZ), $(( SECONDS - t_start )) s"
   printf '%s\n' "${report[@]}"
@@ -125,11 +155,15 @@ fi
   sed -n '/^machine:/,$p' "$logs/bench-full.log" 2>/dev/null
   echo "--- bench-lora (PEFT LoRA and Liger beside keystone; untested until this runs on a GPU)"
   sed -n '/^machine:/,$p' "$logs/bench-lora.log" 2>/dev/null
+  for f in hotpath.log trainprofile.log; do [ -f "$logs/$f" ] && { echo "--- $f"; cat "$logs/$f"; }; done
+  echo "--- bench-best (every side at its best)"
+  sed -n '/^machine:/,$p' "$logs/bench-best.log" 2>/dev/null
   echo "gpu_full: status=$status (0: every step that ran passed; steps: $steps)"
 } >"$out/summary_full.txt"
 cp "$out/summary_full.txt" "$logs/"
 timeout -k "$grace" 10 tar -czf "$out/gpu_full_logs.tar.gz" -C "$logs" . || status=1
-for f in bench/bench_cuda.json bench/bench_cuda_lora.json bench/pytest-benchmark-cuda.json; do
+for f in bench/bench_cuda.json bench/bench_cuda_lora.json bench/bench_cuda_best.json bench/pytest-benchmark-cuda.json \
+    gpu_hotpath.json trainprofile/trainprofile.json; do
   [ -f "$logs/$f" ] && cp "$logs/$f" "$out/"
 done
 rm -rf "$logs" ${pylib:+"$pylib"}

@@ -17,6 +17,8 @@ from keystone_kernels.bench import (
     dense_adamw_bytes,
     keystone_step_bytes,
     keystone_tensor_layout,
+    train_step_bound,
+    train_step_bytes,
     train_step_flops,
     wgrad_flops,
 )
@@ -226,5 +228,120 @@ def test_a_failing_lora_row_keeps_the_dense_and_keystone_rows(monkeypatch):
     out = train_mod.bench_train(TINY, torch.device("cpu"), 2, 8, [(0.1, "reference")], lora_ranks=(16,),
                                 log=lambda s: None)
     assert [r["time"]["median"] for r in [out["dense"], *out["keystone"]]] == [2.0, 1.0] and out["lora"] == []
-    assert out["failed"] == [{"row": "LoRA r=16", "error": "train-step worker (lora, tiny) failed with exit code 1:\n"
-                                                           "ImportError: no peft"}]
+    assert out["failed"] == [{"row": "LoRA r=16, eager",
+                              "error": "train-step worker (lora, tiny) failed with exit code 1:\nImportError: no peft"}]
+
+
+def test_train_step_bytes_by_hand():
+    """TINY: matrix-product weights W = 1152 projections + 256 lm_head (tied) = 1408, N = 1448 parameters."""
+    weights, total = TINY.projection_params + TINY.vocab * TINY.hidden, TINY.total_params
+    assert (weights, total) == (1408, 1448)
+    # CUDA: weights read twice in bf16; AMP adds the cast (6), bf16 dW written and added into fp32 (8), AdamW 28 N
+    assert train_step_bytes(TINY, "dense", 0, cuda=True) == 4 * 1408 + 14 * 1408 + 28 * 1448
+    assert train_step_bytes(TINY, "dense", 0, cuda=False) == 8 * 1408 + 4 * 1408 + 28 * 1448
+    assert train_step_bytes(TINY, "dense-bf16", 0, cuda=True) == 4 * 1408 + 2 * 1408 + 14 * 1448
+    # keystone: an fp32 gradient (4) and the fused step (34) per keystone weight
+    assert train_step_bytes(TINY, "keystone", 100, cuda=True) == 4 * 1408 + 38 * 100
+    assert train_step_bytes(TINY, "lora", 100, cuda=True) == 4 * 1408 + 38 * 100
+    assert train_step_bytes(TINY, "lora", 100, cuda=False) == 8 * 1408 + 32 * 100
+    with pytest.raises(ValueError, match="side"):
+        train_step_bytes(TINY, "full", 0, cuda=True)
+
+
+def test_train_step_bound_adds_bytes_at_the_bandwidth_to_flops_at_the_gemm_rate():
+    bound = train_step_bound(TINY, 2, 8, "keystone", 100, cuda=True, bandwidth=1e9, matmul_rate=1e6)
+    flops = train_step_flops(TINY, 2, 8, 100)["total"]
+    assert bound["flops"] == flops and bound["bytes"] == train_step_bytes(TINY, "keystone", 100, cuda=True)
+    assert bound["seconds"] == pytest.approx(flops / 1e6 + bound["bytes"] / 1e9)
+    lora = train_step_bound(TINY, 2, 8, "lora", 100, cuda=True, bandwidth=1e9, matmul_rate=1e6)
+    part = train_step_flops(TINY, 2, 8, 0)
+    assert lora["flops"] == part["forward"] + part["input_grad"] + 6 * 16 * 100
+    dense = train_step_bound(TINY, 2, 8, "dense", 0, cuda=True, bandwidth=1e9, matmul_rate=1e6)
+    assert dense["flops"] == train_step_flops(TINY, 2, 8)["total"] and dense["seconds"] > bound["seconds"]
+
+
+def test_a_compiled_keystone_row_compiles_once_and_times_its_phases(monkeypatch):
+    """The compiled side in-process (inductor on the CPU): its first step is timed apart, no step after it
+    compiles again, and the phases are timed."""
+    monkeypatch.setitem(SHAPES, "tiny", TINY)
+    r = bench.train_worker(bench.TrainSpec("tiny", "keystone", batch=2, seq=8, warmup=1, reps=2, fraction=0.1,
+                                           backend="reference", compile=True))
+    assert r["label"] == "keystone 10%, compiled" and r["optimizer"] == "KeystoneAdamW(capturable, compile_step)"
+    assert r["graphs_after_first_step"] >= 1 and r["graphs_after_timing"] == r["graphs_after_first_step"]
+    assert r["first_step_s"] > r["time"]["median"] > 0
+    assert set(r["phases"]) == {"forward", "backward", "optimizer"}
+    assert all(p["host_s"] > 0 and p["device_s"] is None for p in r["phases"].values())
+
+
+def _fake_rows(times: dict, calls: list):
+    """A stand-in for run_train_subprocess: the time of each (side, compiled) from ``times``."""
+    def fake(spec, timeout=1800):
+        calls.append((spec.side, spec.compile, timeout))
+        return {"time": {"median": times[(spec.side, spec.compile)]}, "trainable": 10, "peak_rss": 3 + spec.compile,
+                "rss_after_imports": 1, "backend": spec.backend, "label": bench.side_label(spec), "spec": vars(spec),
+                "lora_r": spec.lora_r if spec.side == "lora" else None, "tokens_per_s": 16 / times[(spec.side,
+                                                                                                   spec.compile)],
+                "first_step_s": 5.0}
+    return fake
+
+
+TIMES = {("dense", False): 4.0, ("dense", True): 2.0, ("dense-bf16", True): 1.6, ("keystone", False): 1.0,
+         ("keystone", True): 0.5, ("lora", False): 1.5, ("lora", True): 0.8}
+
+
+def test_compiled_rows_run_every_side_at_its_best_and_are_compared_to_the_best_dense(monkeypatch):
+    from keystone_kernels.bench import train as train_mod
+    from keystone_kernels.bench.baselines import best_rows, best_table, best_targets
+
+    monkeypatch.setitem(SHAPES, "tiny", TINY)
+    calls = []
+    monkeypatch.setattr(train_mod, "run_train_subprocess", _fake_rows(TIMES, calls))
+    tr = train_mod.bench_train(TINY, torch.device("cpu"), 2, 8, [(0.1, "reference")], lora_ranks=(16,),
+                               compiled=True, log=lambda s: None)
+    assert [(s, c) for s, c, _ in calls] == [("dense", False), ("keystone", False), ("lora", False), ("dense", True),
+                                             ("dense-bf16", True), ("keystone", True), ("lora", True)]
+    results = {"config": {"device": "cpu", "bandwidth": {"limit": 1e10}, "matmul_rate": 1e9}, "train": [tr]}
+    rows = best_rows(results)
+    assert [r["config"] for r in rows] == ["dense fp32, eager", "keystone 10%, eager", "LoRA r=16, eager",
+                                           "dense fp32, compiled", "dense bf16, compiled", "keystone 10%, compiled",
+                                           "LoRA r=16, compiled"]
+    best = {r["config"]: r for r in rows}
+    assert all(r["dense_best"] == "dense bf16, compiled" for r in rows)  # the fastest dense row
+    ks = best["keystone 10%, compiled"]
+    assert ks["speedup_vs_dense_best"] == pytest.approx(1.6 / 0.5) and ks["speedup_vs_dense_eager"] == 8.0
+    assert ks["memory_ratio_vs_dense_best"] == 1.0 and ks["bound_s"] > 0 and not ks["recompiled"]
+    assert best_targets(results, rows) == []  # the GPU targets are judged on CUDA runs only
+    gpu = {"config": dict(results["config"], device="cuda")}
+    at_1b = [dict(r, shape="llama-3.2-1b", batch=1, seq=512) for r in rows]
+    targets = {t["target"].split(":")[1].strip(): t for t in best_targets(gpu, at_1b)}
+    assert targets["keystone 10%, compiled vs dense at its best (dense bf16, compiled)"]["value"] == 3.2
+    assert targets["keystone 10%, compiled vs dense at its best (dense bf16, compiled)"]["holds"]
+    assert targets["keystone 10%, compiled vs dense AMP eager"]["value"] == 8.0
+    assert targets["keystone vs LoRA r=16, compiled, both compiled"]["value"] == pytest.approx(0.8 / 0.5)
+    results["summary"] = {"rows": {"best": rows}}
+    assert "every side at its best" in best_table(results) and "dense bf16, compiled" in best_table(results)
+
+
+def test_rows_past_the_deadline_are_noted_not_run(monkeypatch):
+    import time
+
+    from keystone_kernels.bench import train as train_mod
+
+    calls = []
+    monkeypatch.setattr(train_mod, "run_train_subprocess", _fake_rows(TIMES, calls))
+    tr = train_mod.bench_train(TINY, torch.device("cpu"), 2, 8, [(0.1, "reference")], lora_ranks=(16,),
+                               compiled=True, deadline=time.monotonic() + 5, log=lambda s: None)
+    assert [(s, c) for s, c, _ in calls] == [("dense", False), ("keystone", False)]  # dense and keystone always run
+    assert all(t <= 5 for *_, t in calls)  # and never past the deadline
+    assert [f["row"] for f in tr["failed"]] == ["LoRA r=16, eager", "dense fp32, compiled", "dense bf16, compiled",
+                                                "keystone 10%, compiled", "LoRA r=16, compiled"]
+    assert all("deadline" in f["error"] for f in tr["failed"])
+
+
+def test_train_compiled_and_deadline_options():
+    from keystone_kernels.cli import build_parser, main
+
+    args = build_parser().parse_args(["bench", "--train-compiled", "--train-deadline", "90"])
+    assert args.train_compiled and args.train_deadline == 90
+    assert main(["bench", "--train-deadline", "-1", "--device", "cpu"]) == 2
+    assert bench.make_plan(torch.device("cpu"), quick=True).train_reps == 3

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_bench_script
 
 from keystone_kernels import bench
 
 REPO = Path(__file__).resolve().parent.parent
 CHECK = REPO / "bench" / "gpu_check.sh"
-STEPS = ["info", "build", "tests-triton", "tests-ext", "bench", "hotpath", "profile", "pack"]
+STEPS = ["info", "build", "tests-triton", "tests-ext", "bench", "train", "pack"]
 BUDGET_S = 360  # one call: 6 minutes at most, out of 15 minutes of device time with the machine's start
 STEP_LINE = re.compile(r"^step (\d+): (\S+) limit=(\d+)s mode=(sequential|background|concurrent)$")
 BUDGET_LINE = re.compile(r"^budget: (\d+) s = limits (\d+) s .* \+ (\d+) x (\d+) s kill grace")
@@ -54,8 +53,7 @@ def test_dry_run_lists_every_step_in_order_with_a_command(dry):
     assert "ext.load(verbose=True)" in cmds["build"] and "has_cuda()" in cmds["build"]
     assert "-m gpu" in cmds["tests-triton"] and "-k triton" in cmds["tests-triton"] and "-n 8" in cmds["tests-triton"]
     assert "-m gpu" in cmds["tests-ext"] and "-k 'not triton'" in cmds["tests-ext"]
-    assert "bench/gpu_hotpath.py --device cuda" in cmds["hotpath"]
-    assert "bench/gpu_trainprofile.py --device cuda" in cmds["profile"]
+    assert "--train-compiled" in cmds["train"]
     assert "gpu_check_logs.tar.gz" in cmds["pack"]
 
 
@@ -93,11 +91,24 @@ def test_bench_step_asks_for_the_focused_set(dry):
     bench.add_bench_command(parser.add_subparsers())
     args = parser.parse_args(["bench", *_args_of(dry["steps"]["bench"]["cmd"], "keystone_kernels")[1:]])
     assert args.device == "cuda" and args.quick
-    assert args.shapes == "llama-3.1-8b" and set(args.parts.split(",")) == {"host", "optimizer", "wgrad", "train"}
+    assert args.shapes == "llama-3.1-8b" and set(args.parts.split(",")) == {"host", "optimizer", "wgrad"}
     assert bench.parse_fractions(args.fractions) == [1e-3, 1e-2]
     assert set(args.backends.split(",")) == {"triton", "ext"}
-    plan = bench.make_plan(torch.device("cpu"), True, backends=["reference"], fractions=[1e-3, 1e-2])
-    assert bench.parse_train_steps(args.train_steps, plan) == [("llama-3.2-1b", 1, 512, [(1e-3, "reference")])]
+
+
+def test_train_step_runs_every_side_at_its_best_at_both_token_counts_inside_its_limit(dry):
+    """Issue 20: 1 x 512 and 4 x 2048, dense / keystone / LoRA r=16, eager and compiled, with a deadline that
+    leaves the step time to write its tables before its limit kills it."""
+    parser = argparse.ArgumentParser()
+    bench.add_bench_command(parser.add_subparsers())
+    step = dry["steps"]["train"]
+    args = parser.parse_args(["bench", *_args_of(step["cmd"], "keystone_kernels")[1:]])
+    assert args.device == "cuda" and args.parts == "train" and args.train_compiled and args.lora_ranks == "16"
+    plan = bench.make_plan(torch.device("cpu"), True, backends=["reference"])
+    assert [t[:3] for t in bench.parse_train_steps(args.train_steps, plan)] == [
+        ("llama-3.2-1b", 1, 512), ("llama-3.2-1b", 4, 2048)]
+    assert 0 < args.train_deadline <= step["limit"] - 5
+    assert args.name == "bench_cuda_train"
 
 
 def test_parse_train_steps_rejects_what_it_cannot_run():
@@ -107,19 +118,6 @@ def test_parse_train_steps_rejects_what_it_cannot_run():
     for bad in ("llama:1x512", "llama-3.2-1b", "llama-3.2-1b:0x512", "llama-3.2-1b:1x"):
         with pytest.raises(ValueError, match="SHAPE:BATCHxSEQ"):
             bench.parse_train_steps(bad, plan)
-
-
-def test_hotpath_step_parses_with_the_probe_cli(dry):
-    probe = load_bench_script("gpu_hotpath")
-    args = probe.parser().parse_args(_args_of(dry["steps"]["hotpath"]["cmd"], "bench/gpu_hotpath.py"))
-    assert args.device == "cuda" and args.out.endswith("gpu_hotpath.json")
-
-
-def test_profile_step_parses_with_the_profile_cli(dry):
-    profile = load_bench_script("gpu_trainprofile")
-    args = profile.parser().parse_args(_args_of(dry["steps"]["profile"]["cmd"], "bench/gpu_trainprofile.py"))
-    assert (args.device, args.shape, args.batch, args.seq) == ("cuda", "llama-3.2-1b", 1, 512)
-    assert args.out.endswith("trainprofile") and args.sides == "dense,keystone,keystone@reference"
 
 
 @pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_full.sh"])

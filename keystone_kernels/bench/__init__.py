@@ -19,7 +19,10 @@ downloaded):
 - **roofline**: bytes moved by each optimizer step (:func:`keystone_step_bytes`,
   :func:`dense_adamw_bytes`) over the measured device bandwidth, FLOPs of the weight gradient
   (:func:`wgrad_flops`) and of a train step (:func:`train_step_flops`), kernel launches per step
-  on CUDA.
+  on CUDA, and the least time a train step can take (:func:`train_step_bound`: its bytes at the
+  measured bandwidth plus its GEMM FLOPs at the measured matrix-product rate);
+- **every side at its best** (``--train-compiled``): dense AMP eager and compiled, dense in pure
+  bf16 compiled, keystone and LoRA eager and compiled, side by side.
 
 The CLI (``keystone-kernels bench``) and the pytest-benchmark suites in ``bench/`` both build on
 the functions here.
@@ -28,7 +31,15 @@ the functions here.
 from __future__ import annotations
 
 from .cli import add_bench_command, cmd_bench, parse_fractions, parse_ranks, parse_train_steps
-from .cost import dense_adamw_bytes, keystone_step_bytes, keystone_tensor_layout, train_step_flops, wgrad_flops
+from .cost import (
+    dense_adamw_bytes,
+    keystone_step_bytes,
+    keystone_tensor_layout,
+    train_step_bound,
+    train_step_bytes,
+    train_step_flops,
+    wgrad_flops,
+)
 from .optimizer import (
     DENSE_IMPLS,
     HOST_COUNTS,
@@ -43,8 +54,17 @@ from .optimizer import (
 from .report import plot, report, summarize
 from .run import Plan, bench_backends, make_plan, rerender, run
 from .shapes import FRACTIONS, SHAPES, Shape, build_model, layer_mask, synthetic_mask
-from .timing import Timing, copy_bandwidth, count_launches, loadavg, machine_info, measure, quiet_stderr
-from .train import TrainSpec, bench_train, build_train_step, run_train_subprocess, train_worker
+from .timing import (
+    Timing,
+    copy_bandwidth,
+    count_launches,
+    loadavg,
+    machine_info,
+    matmul_rate,
+    measure,
+    quiet_stderr,
+)
+from .train import SIDES, TrainSpec, bench_train, build_train_step, run_train_subprocess, side_label, train_worker
 from .wgrad import WGRAD_MM, WgradCase, bench_wgrad
 
 __all__ = [
@@ -59,11 +79,14 @@ __all__ = [
     "dense_adamw_bytes",
     "wgrad_flops",
     "train_step_flops",
+    "train_step_bytes",
+    "train_step_bound",
     "Timing",
     "measure",
     "loadavg",
     "machine_info",
     "copy_bandwidth",
+    "matmul_rate",
     "count_launches",
     "OptimizerCase",
     "DenseAdamWSetup",
@@ -78,6 +101,8 @@ __all__ = [
     "WgradCase",
     "bench_wgrad",
     "TrainSpec",
+    "SIDES",
+    "side_label",
     "build_train_step",
     "train_worker",
     "run_train_subprocess",

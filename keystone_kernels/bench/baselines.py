@@ -12,7 +12,7 @@ import os
 import torch
 
 from ..utils.tables import fmt, format_table
-from .cost import train_step_flops
+from .cost import train_step_bound
 from .shapes import SHAPES, Shape
 from .timing import GIB
 
@@ -36,13 +36,16 @@ def apply_liger(shape: Shape, device: torch.device) -> None:
     apply_liger_kernel_to_llama()
 
 
-def lora_flop_bound(shape: Shape, batch: int, seq: int, lora_params: int, keystone_params: int) -> float:
-    """GEMM FLOPs of a LoRA train step over those of a keystone one (:func:`train_step_flops`): the most
-    keystone can gain by FLOPs alone. Both skip the dense weight gradient; LoRA adds ``x A^T``, ``(x A^T) B^T``
-    and their input and weight gradients, ``6 T`` FLOPs per adapter weight; keystone adds ``2 T`` per keystone
-    weight. The values of the committed runs are in bench/results (the ``FLOP bound`` column)."""
-    k = train_step_flops(shape, batch, seq, keystone_params)
-    return (k["forward"] + k["input_grad"] + 6 * batch * seq * lora_params) / k["total"]
+def step_bound(results: dict, tr: dict, side: str, trainable: int) -> float | None:
+    """:func:`train_step_bound` seconds of one row of train step ``tr``, at the bandwidth and GEMM rate
+    the run measured (None for a run that measured no GEMM rate, or an unknown shape)."""
+    cfg = results["config"]
+    rate = cfg.get("matmul_rate")
+    if not rate or tr["shape"] not in SHAPES:
+        return None
+    return train_step_bound(SHAPES[tr["shape"]], tr["batch"], tr["seq"], side, trainable,
+                            cuda=tr["device"] == "cuda", bandwidth=cfg["bandwidth"]["limit"],
+                            matmul_rate=rate)["seconds"]
 
 
 def _row(tr: dict, r: dict, kind: str, config: str) -> dict:
@@ -80,9 +83,10 @@ def baseline_rows(results: dict) -> list[dict]:
                 here[-1].update(keystone_speedup=here[-1]["time_s"] / ref[0]["time_s"],
                                 keystone_memory_ratio=ref[0]["memory_bytes"] / here[-1]["memory_bytes"],
                                 keystone_reference=ref[0]["config"])
-                if tr["shape"] in SHAPES:
-                    here[-1]["keystone_flop_bound"] = lora_flop_bound(SHAPES[tr["shape"]], tr["batch"], tr["seq"],
-                                                                      r["trainable"], ref[0]["trainable"])
+                lora_s, keystone_s = (step_bound(results, tr, "lora", r["trainable"]),
+                                      step_bound(results, tr, "keystone", ref[0]["trainable"]))
+                if lora_s and keystone_s:
+                    here[-1]["keystone_bound"] = lora_s / keystone_s
         liger_ref = None
         for r in tr.get("liger", []):
             if r["spec"]["side"] == "keystone":
@@ -109,14 +113,14 @@ def baseline_targets(results: dict, rows: list[dict]) -> list[dict]:
     if not lora:
         return []
     r = lora[0]
-    bound = r.get("keystone_flop_bound")
+    bound = r.get("keystone_bound")
     mem = "peak RSS above imports" if device == "cpu" else "peak allocated"
     where = f"{shape}, {batch} x {seq}"
     return [
         {"target": f"train step, {where}: {r['keystone_reference']} vs PEFT LoRA r={TARGET_RANK} (x faster)",
          "value": r["keystone_speedup"], "goal": f">= {goal:g}", "holds": r["keystone_speedup"] >= goal,
          "backend": r["keystone_reference"].split("[")[-1].rstrip("]"),
-         "note": "issue 13" + (f"; GEMM FLOP bound {bound:.3g}x" if bound else "")},
+         "note": "issue 13" + (f"; bound (bytes + FLOPs) {bound:.3g}x" if bound else "")},
         {"target": f"{mem}, {where}: {r['keystone_reference']} / PEFT LoRA r={TARGET_RANK}",
          "value": r["keystone_memory_ratio"], "goal": "< 1", "holds": r["keystone_memory_ratio"] < 1,
          "backend": r["keystone_reference"].split("[")[-1].rstrip("]"), "note": "issue 13"},
@@ -137,12 +141,126 @@ def baseline_table(results: dict, markdown: bool = False) -> str:
         out.append(f"\n**{title}**\n" if markdown else f"\n{title}")
         out.append(format_table(
             ["config", "trainable", "optimizer state MiB", "s/step", "tokens/s", mem, "x dense speed", "mem / dense",
-             "keystone x faster", "FLOP bound", "keystone mem / this"],
+             "keystone x faster", "bound", "keystone mem / this"],
             [[r["config"], f"{r['trainable']:,}", fmt(None if r["optimizer_state_bytes"] is None
                                                        else r["optimizer_state_bytes"] / _MIB, ".4g"),
               fmt(r["time_s"]), fmt(r["tokens_per_s"], ".0f"), fmt(r["memory_bytes"] / GIB),
               fmt(r["speedup_vs_dense"]), fmt(r["memory_ratio_vs_dense"]), fmt(r.get("keystone_speedup")),
-              fmt(r.get("keystone_flop_bound")), fmt(r.get("keystone_memory_ratio"))] for r in sel], markdown))
+              fmt(r.get("keystone_bound")), fmt(r.get("keystone_memory_ratio"))] for r in sel], markdown))
+    return "\n".join(out)
+
+
+# issue 20's GPU targets (Llama-3.2-1B, 0.1%): keystone at its best against each side at its best
+BEST_TARGETS = {(1, 512): {"dense_best": 3.0, "dense_eager": 8.0}, (4, 2048): {"dense_best": 1.4, "memory": 0.3}}
+LORA_COMPILED_GOAL = 1.05
+
+
+def _label(r: dict, fallback: str) -> str:
+    return r.get("label") or fallback
+
+
+def best_rows(results: dict) -> list[dict]:
+    """Per train step timed with ``compiled`` rows: every side eager and compiled, side by side.
+
+    Rows: dense eager, its compiled and pure-bf16 compiled forms, the first keystone case eager and
+    compiled, the compiled LoRA rank eager and compiled. Each carries ``speedup_vs_dense_eager``,
+    ``speedup_vs_dense_best`` and ``memory_ratio_vs_dense_best`` (dense at its best: the fastest dense
+    row), ``bound_s`` (:func:`step_bound`), ``first_step_s`` (compile time included) and ``phases``.
+    """
+    rows: list[dict] = []
+    for tr in results.get("train", []):
+        compiled = tr.get("compiled") or []
+        if not compiled:
+            continue
+        side = lambda r: r.get("spec", {}).get("side")  # noqa: E731
+        lora_ranks = {r["spec"]["lora_r"] for r in compiled if side(r) == "lora"}
+        picked = [("dense", tr["dense"])] + [("keystone", r) for r in tr["keystone"][:1]]
+        picked += [("lora", r) for r in tr.get("lora", []) if r.get("lora_r") in lora_ranks]
+        picked += [(side(r), r) for r in compiled]
+        here = []
+        for kind, r in picked:
+            row = _row(tr, r, kind, _label(r, f"{kind}, eager"))
+            row.update(compiled=bool(r.get("spec", {}).get("compile")), first_step_s=r.get("first_step_s"),
+                       phases=r.get("phases"), bound_s=step_bound(results, tr, kind, r["trainable"]),
+                       recompiled=(r.get("graphs_after_timing") or 0) > (r.get("graphs_after_first_step") or 0))
+            here.append(row)
+        dense_best = min((x for x in here if x["kind"].startswith("dense")), key=lambda x: x["time_s"])
+        for row in here:
+            row.update(speedup_vs_dense_eager=row.pop("speedup_vs_dense"),
+                       speedup_vs_dense_best=dense_best["time_s"] / row["time_s"],
+                       memory_ratio_vs_dense_best=row["memory_bytes"] / dense_best["memory_bytes"],
+                       dense_best=dense_best["config"])
+            row.pop("memory_ratio_vs_dense")
+        rows += here
+    return rows
+
+
+def best_targets(results: dict, rows: list[dict]) -> list[dict]:
+    """Issue 20's targets of keystone at its best (the faster of eager and compiled) on the GPU."""
+    if results["config"]["device"] != "cuda":
+        return []
+    targets = []
+
+    def add(name, value, goal, higher=True):
+        targets.append({"target": name, "value": value, "goal": f"{'>=' if higher else '<='} {goal:g}",
+                        "holds": value >= goal if higher else value <= goal, "backend": None, "note": "issue 20"})
+
+    for key in dict.fromkeys((r["shape"], r["batch"], r["seq"]) for r in rows):
+        sel = [r for r in rows if (r["shape"], r["batch"], r["seq"]) == key]
+        keystone = [r for r in sel if r["kind"] == "keystone"]
+        if not keystone:
+            continue
+        best = min(keystone, key=lambda r: r["time_s"])
+        where = f"{key[0]}, {key[1]} x {key[2]}: {best['config']}"
+        goals = BEST_TARGETS.get((key[1], key[2]), {}) if key[0] == "llama-3.2-1b" else {}
+        if "dense_best" in goals:
+            add(f"train step, {where} vs dense at its best ({best['dense_best']})", best["speedup_vs_dense_best"],
+                goals["dense_best"])
+        if "dense_eager" in goals:
+            add(f"train step, {where} vs dense AMP eager", best["speedup_vs_dense_eager"], goals["dense_eager"])
+        if "memory" in goals:
+            add(f"peak allocated, {where} / dense at its best", best["memory_ratio_vs_dense_best"], goals["memory"],
+                higher=False)
+        ours = [r for r in keystone if r["compiled"]]
+        lora = [r for r in sel if r["kind"] == "lora" and r["compiled"]]
+        if ours and lora:
+            add(f"train step, {key[0]}, {key[1]} x {key[2]}: keystone vs {lora[0]['config']}, both compiled",
+                lora[0]["time_s"] / ours[0]["time_s"], LORA_COMPILED_GOAL)
+            add(f"peak allocated, {key[0]}, {key[1]} x {key[2]}: keystone / LoRA, both compiled",
+                ours[0]["memory_bytes"] / lora[0]["memory_bytes"], 1.0, higher=False)
+    return targets
+
+
+def _phases(p: dict | None) -> str:
+    """``forward / backward / optimizer`` host ms (and device ms on CUDA) of one row."""
+    if not p:
+        return "-"
+    host = "/".join(f"{p[k]['host_s'] * 1e3:.1f}" for k in ("forward", "backward", "optimizer"))
+    if p["forward"].get("device_s") is None:
+        return host
+    return host + " | " + "/".join(f"{p[k]['device_s'] * 1e3:.1f}" for k in ("forward", "backward", "optimizer"))
+
+
+def best_table(results: dict, markdown: bool = False) -> str:
+    """One table per train step with compiled rows: each side eager and compiled, against dense at its best."""
+    rows = results.get("summary", {}).get("rows", {}).get("best", [])
+    cpu = results["config"]["device"] == "cpu"
+    out = []
+    for key in dict.fromkeys((r["shape"], r["batch"], r["seq"]) for r in rows):
+        sel = [r for r in rows if (r["shape"], r["batch"], r["seq"]) == key]
+        title = (f"every side at its best (eager and torch.compile), {key[0]} shapes, batch {key[1]} x seq {key[2]}; "
+                 f"phases: forward/backward/optimizer host ms{'' if cpu else ' | device ms'}")
+        out.append(f"\n**{title}**\n" if markdown else f"\n{title}")
+        out.append(format_table(
+            ["config", "trainable", "s/step", "first step s", "tokens/s",
+             "peak RSS above imports GiB" if cpu else "peak allocated GiB", "x dense eager", "x dense best",
+             "mem / dense best", "bound ms", "phases", "recompiled"],
+            [[r["config"], f"{r['trainable']:,}", fmt(r["time_s"]), fmt(r["first_step_s"]),
+              fmt(r["tokens_per_s"], ".0f"),
+              fmt(r["memory_bytes"] / GIB), fmt(r["speedup_vs_dense_eager"]), fmt(r["speedup_vs_dense_best"]),
+              fmt(r["memory_ratio_vs_dense_best"]), fmt(None if r["bound_s"] is None else r["bound_s"] * 1e3),
+              _phases(r["phases"]), ("YES" if r["recompiled"] else "no") if r["compiled"] else "-"]
+             for r in sel], markdown))
     return "\n".join(out)
 
 

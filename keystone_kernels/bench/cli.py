@@ -69,6 +69,11 @@ def cmd_bench(args) -> int:
         plan.baseline_steps = tuple((s, b, q) for s, b, q, _ in plan.train) if args.lora_ranks or args.liger else ()
     if args.lora_ranks is not None:
         plan.lora_ranks = parse_ranks(args.lora_ranks)
+    plan.train_compiled = args.train_compiled
+    if args.train_deadline is not None:
+        if args.train_deadline <= 0:
+            raise ValueError(f"--train-deadline {args.train_deadline:g}: expected a positive number of seconds")
+        plan.train_deadline_s = args.train_deadline
     if args.liger:
         if device.type != "cuda":
             raise ValueError("--liger: Liger-Kernel runs Triton GPU kernels; use it with --device cuda")
@@ -112,6 +117,13 @@ def add_bench_command(sub) -> None:
     p.add_argument("--liger", action="store_true",
                    help="CUDA: also time keystone and LoRA r=16 with Liger-Kernel's Llama kernels (untested; needs "
                         "liger-kernel)")
+    p.add_argument("--train-compiled", action="store_true",
+                   help="every side at its best too: dense, dense in pure bf16, keystone and the first LoRA rank "
+                        "under torch.compile (inductor), beside their eager rows; the first step (compile) is "
+                        "timed apart")
+    p.add_argument("--train-deadline", type=float, metavar="SECONDS",
+                   help="seconds the train part may take: rows that would start later are noted, not run, and "
+                        "no row runs past it (the GPU check fits its budget with it)")
     p.add_argument("--name", help="file stem of the results (default bench_<device>[_quick])")
     p.add_argument("--mem-budget-gb", type=float,
                    help="memory the optimizer benchmark may use (default: CPU min(6, 40%% of "

@@ -86,3 +86,61 @@ def train_step_flops(shape: Shape, batch: int, seq: int, keystone_params: int | 
     dx = 2 * tokens * weights + 2 * attn
     dw = 2 * tokens * weights if keystone_params is None else 2 * tokens * keystone_params
     return {"forward": fwd, "input_grad": dx, "weight_grad": dw, "total": fwd + dx + dw}
+
+
+def train_step_bytes(shape: Shape, side: str, trainable: int, cuda: bool) -> int:
+    """Bytes one train step must move for its weights, gradients and optimizer (a lower bound).
+
+    Activations are left out (every side pays about the same). ``W``: the matrix-product weights
+    (projections and lm_head, a tied one counted once), ``N``: every parameter, ``c``: bytes of a
+    weight as the products read it (bf16 on CUDA: 2, fp32 on the CPU: 4). Every side reads the
+    weights in the forward and the input gradient (``2 c W``); then per side:
+
+    - ``dense`` (CUDA: fp32 masters under bf16 autocast): the cast of each weight (read 4, write 2),
+      its bf16 weight gradient written and added into the fp32 ``.grad`` (2 + 2 + 4), one fused
+      AdamW pass over every parameter (:func:`dense_adamw_bytes`, 28 B); on the CPU the fp32
+      gradient (4) and the AdamW pass;
+    - ``dense-bf16``: the bf16 weight gradient (2) and AdamW over bf16 weights and moments (read
+      weight, grad, m, v, write weight, m, v: 14 B per parameter);
+    - ``keystone``: per keystone weight its fp32 gradient (4) and the fused step with its scatter
+      (:func:`keystone_step_bytes`: 34 B);
+    - ``lora``: per adapter weight (fp32) its cast (6, CUDA), its fp32 gradient (4) and AdamW (28).
+    """
+    c = 2 if cuda else 4
+    weights = shape.projection_params + shape.vocab * shape.hidden
+    total = 2 * c * weights
+    if side == "dense":
+        total += ((6 + 8) if cuda else 4) * weights + dense_adamw_bytes(shape.total_params)
+    elif side == "dense-bf16":
+        total += 2 * weights + 14 * shape.total_params
+    elif side == "keystone":
+        total += 4 * trainable + keystone_step_bytes([(trainable, 1, None, None)])
+    elif side == "lora":
+        total += ((6 if cuda else 0) + 4 + 28) * trainable
+    else:
+        raise ValueError(f"side must be dense, dense-bf16, keystone or lora, got {side!r}")
+    return total
+
+
+def train_step_bound(shape: Shape, batch: int, seq: int, side: str, trainable: int, *, cuda: bool,
+                     bandwidth: float, matmul_rate: float) -> dict[str, float]:
+    """The least time one train step can take: its GEMM FLOPs at the measured ``matmul_rate`` (FLOP/s)
+    plus its :func:`train_step_bytes` at the measured copy ``bandwidth`` (bytes/s), the two not
+    overlapped (a small step runs them one after the other).
+
+    FLOPs: :func:`train_step_flops`; dense sides pay the dense weight gradient, keystone ``2 T`` per
+    keystone weight, LoRA ``6 T`` per adapter weight (``x A^T``, ``(x A^T) B^T`` and their gradients).
+    Returns ``flops``, ``bytes`` and ``seconds``. The ratio of two sides' seconds is the most one can
+    gain over the other on this machine; the GEMM-only ratio (``flops`` alone) misleads where the
+    optimizer and the casts dominate, as in a dense step of few tokens.
+    """
+    tokens = batch * seq
+    if side in ("dense", "dense-bf16"):
+        flops = train_step_flops(shape, batch, seq)["total"]
+    elif side == "keystone":
+        flops = train_step_flops(shape, batch, seq, trainable)["total"]
+    else:
+        part = train_step_flops(shape, batch, seq, 0)
+        flops = part["forward"] + part["input_grad"] + 6 * tokens * trainable
+    nbytes = train_step_bytes(shape, side, trainable, cuda)
+    return {"flops": flops, "bytes": nbytes, "seconds": flops / matmul_rate + nbytes / bandwidth}

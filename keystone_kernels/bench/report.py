@@ -5,9 +5,16 @@ from __future__ import annotations
 import os
 
 from ..utils.tables import fmt, format_table, percent
-from .baselines import baseline_rows, baseline_table, baseline_targets
+from .baselines import baseline_rows, baseline_table, baseline_targets, best_rows, best_table, best_targets, step_bound
 from .shapes import SHAPES
 from .timing import GIB
+
+
+def _bound_ratio(results: dict, tr: dict, keystone: dict) -> float | None:
+    """The most a keystone row can gain over dense AdamW on this machine: dense's bound over its own
+    (bytes and FLOPs, :func:`~keystone_kernels.bench.cost.train_step_bound`); None without a GEMM rate."""
+    dense, ours = step_bound(results, tr, "dense", 0), step_bound(results, tr, "keystone", keystone["trainable"])
+    return dense / ours if dense and ours else None
 
 
 def summarize(results: dict) -> dict:
@@ -39,6 +46,7 @@ def summarize(results: dict) -> dict:
                  "backend": k["backend"], "time_s": k["time"]["median"], "tokens_per_s": k["tokens_per_s"],
                  "dense_tokens_per_s": d["tokens_per_s"], "speedup": d["time"]["median"] / k["time"]["median"],
                  "flop_bound": d["flops"]["total"] / k["flops"]["total"],
+                 "bound": _bound_ratio(results, tr, k),
                  "memory_ratio": k["memory_bytes"] / d["memory_bytes"]}
             if device == "cpu":
                 r["memory_ratio_absolute_rss"] = k["peak_rss"] / d["peak_rss"]
@@ -96,6 +104,8 @@ def summarize(results: dict) -> dict:
                best("train", "speedup", shape="llama-3.2-1b", seq=512, batch=1, fraction=1e-3), "speedup", 3)
     rows["baselines"] = baseline_rows(results)  # PEFT LoRA (and Liger) beside dense and keystone
     targets += baseline_targets(results, rows["baselines"])
+    rows["best"] = best_rows(results)  # every side eager and compiled
+    targets += best_targets(results, rows["best"])
     return {"rows": rows, "targets": targets}
 
 
@@ -162,14 +172,16 @@ def report(results: dict, markdown: bool = False) -> str:
                 if r["shape"] == tr["shape"] and r["seq"] == tr["seq"] and r["batch"] == tr["batch"]]
         ks = {(k["fraction"], k["backend"]): k for k in tr["keystone"]}
         lines.append(format_table(
-            ["keystone", "params", "backend", "s/step", "tokens/s", "speedup", "FLOP bound", "memory GiB", "mem ratio"]
+            ["keystone", "params", "backend", "s/step", "tokens/s", "speedup", "bound", "memory GiB", "mem ratio"]
             + (["abs RSS ratio"] if cpu else []),
             [[percent(r["fraction"]), ks[(r["fraction"], r["backend"])]["trainable"], r["backend"], fmt(r["time_s"]),
-              fmt(r["tokens_per_s"], ".0f"), fmt(r["speedup"]), fmt(r["flop_bound"]),
+              fmt(r["tokens_per_s"], ".0f"), fmt(r["speedup"]), fmt(r.get("bound")),
               fmt(ks[(r["fraction"], r["backend"])]["memory_bytes"] / GIB), fmt(r["memory_ratio"])]
              + ([fmt(r["memory_ratio_absolute_rss"])] if cpu else []) for r in rows], markdown))
     if s["rows"].get("baselines"):
         lines.append(baseline_table(results, markdown))
+    if s["rows"].get("best"):
+        lines.append(best_table(results, markdown))
     if s["targets"]:
         title("targets (docs/design.md section 8)")
         lines.append(format_table(["target", "backend", "measured", "goal", "holds"],

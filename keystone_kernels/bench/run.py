@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from .baselines import plot_baselines
 from .optimizer import bench_host, bench_optimizer
 from .report import plot, report, summarize
 from .shapes import FRACTIONS, SHAPES, Shape
-from .timing import GIB, copy_bandwidth, free_device_bytes, loadavg, machine_info
+from .timing import GIB, copy_bandwidth, free_device_bytes, loadavg, machine_info, matmul_rate
 from .train import bench_train
 from .wgrad import bench_wgrad
 
@@ -46,6 +47,8 @@ class Plan:
     lora_ranks: tuple[int, ...] = ()
     baseline_steps: tuple[tuple[str, int, int], ...] = ()
     liger: bool = False
+    train_compiled: bool = False  # every side at its best too: torch.compile rows, dense in pure bf16
+    train_deadline_s: float | None = None  # seconds the train part may take; rows that do not fit are noted
 
 
 def bench_backends(device: torch.device) -> list[str]:
@@ -105,7 +108,9 @@ def make_plan(device: torch.device, quick: bool, backends: Sequence[str] | None 
     return Plan(device, quick, fr, bk, opt_shapes, wg_shapes, 512 if not cuda else 8192, train,
                 # a dense train step on the CPU settles only after a few steps (the allocator's heap grows
                 # to its working set; until then large buffers are mapped and faulted in afresh)
-                warmup=1, reps=3 if quick else 5, train_warmup=2 if quick else 3, train_reps=3 if quick else 5,
+                # on a GPU at least 3 warm-up and 10 timed steps (a step there takes tens of milliseconds)
+                warmup=1, reps=3 if quick else 5, train_warmup=3 if cuda or not quick else 2,
+                train_reps=10 if cuda else (3 if quick else 5),
                 budget=budget, parts=parts, default_backend=auto, lora_ranks=lora_ranks, baseline_steps=baseline_steps)
 
 
@@ -130,6 +135,7 @@ def run(plan: Plan, out_dir: str | os.PathLike, log: Callable[[str], None] = pri
     json_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
     bw = copy_bandwidth(device)
     bandwidth = bw["limit"]
+    gemm = matmul_rate(device) if "train" in plan.parts else None
     results: dict = {
         "machine": machine_info(device),
         "config": {"device": device.type, "quick": plan.quick, "fractions": list(plan.fractions),
@@ -138,7 +144,8 @@ def run(plan: Plan, out_dir: str | os.PathLike, log: Callable[[str], None] = pri
                    "train_reps": plan.train_reps,
                    "budget_bytes": plan.budget, "lora_ranks": list(plan.lora_ranks),
                    "baseline_steps": [list(t) for t in plan.baseline_steps], "liger": plan.liger,
-                   "bandwidth": bw, "loadavg_start": loadavg(), "notes": plan.notes,
+                   "bandwidth": bw, "matmul_rate": gemm, "train_compiled": plan.train_compiled,
+                   "train_deadline_s": plan.train_deadline_s, "loadavg_start": loadavg(), "notes": plan.notes,
                    "command": " ".join(sys.argv)},
         "host": [], "optimizer": [], "wgrad": [], "train": [],
     }
@@ -175,7 +182,12 @@ def run(plan: Plan, out_dir: str | os.PathLike, log: Callable[[str], None] = pri
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if "train" in plan.parts:
+        deadline = None if plan.train_deadline_s is None else time.monotonic() + plan.train_deadline_s
         for name, batch, seq, cases in plan.train:
+            if deadline is not None and time.monotonic() > deadline - 10:
+                log(f"train step {name} {batch}x{seq}: not run (--train-deadline {plan.train_deadline_s:g} s)")
+                results["config"]["notes"].append(f"train step {name} {batch}x{seq} not run: the deadline had passed")
+                continue
             ok, why = train_fits(SHAPES[name], batch, seq, device)
             if not ok:
                 log(f"train step {name} {batch}x{seq}: skipped ({why})")
@@ -185,7 +197,8 @@ def run(plan: Plan, out_dir: str | os.PathLike, log: Callable[[str], None] = pri
                 is_baseline = (name, batch, seq) in plan.baseline_steps
                 results["train"].append(bench_train(SHAPES[name], device, batch, seq, cases, warmup=plan.train_warmup,
                                                     reps=plan.train_reps, log=log, liger=plan.liger and is_baseline,
-                                                    lora_ranks=plan.lora_ranks if is_baseline else ()))
+                                                    lora_ranks=plan.lora_ranks if is_baseline else (),
+                                                    compiled=plan.train_compiled, deadline=deadline))
                 results["train"][-1]["loadavg"] = loadavg()
             except (RuntimeError, subprocess.TimeoutExpired) as err:
                 log(f"train step {name} {batch}x{seq}: FAILED: {err}")

@@ -161,6 +161,17 @@ def copy_bandwidth(device: str | torch.device, nbytes: int | None = None) -> dic
     return {"copy": copy, "inplace": inplace, "limit": max(copy, inplace)}
 
 
+def matmul_rate(device: str | torch.device, n: int | None = None) -> float:
+    """Measured FLOP/s of one square matrix product in the dtype a train step computes in on ``device``
+    (bf16 on CUDA, fp32 on the CPU): the GEMM rate the train-step bound divides FLOPs by."""
+    device = torch.device(device)
+    n = n or (8192 if device.type == "cuda" else 1024)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
+    return 2 * n**3 / measure(lambda: a @ b, device, warmup=2, reps=5).median
+
+
 def count_launches(fn: Callable[[], object]) -> int | None:
     """Kernels (and memcpy / memset) that one call of ``fn`` runs on the CUDA device (None if unknown)."""
     try:

@@ -9,8 +9,10 @@ import contextlib
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +37,7 @@ class TrainSpec:
     """One side of a train-step comparison, run by :func:`train_worker` in a fresh process."""
 
     shape: str
-    side: str  # "dense", "keystone" or "lora" (PEFT LoRA of rank lora_r on the seven projections)
+    side: str  # "dense", "dense-bf16", "keystone" or "lora" (PEFT LoRA of rank lora_r on the seven projections)
     device: str = "cpu"
     batch: int = 4
     seq: int = 128
@@ -48,6 +50,17 @@ class TrainSpec:
     liger: bool = False  # apply_liger_kernel_to_llama() before building the model (CUDA, Llama shapes)
     layers: int | None = None  # decoder layers to build (None: all of the shape's)
     linear_backend: str | None = None  # keystone: the patched layers' backend (weight grads), if not ``backend``
+    compile: bool = False  # torch.compile(model) (inductor); keystone also KeystoneAdamW(capturable, compile_step)
+
+
+SIDES = ("dense", "dense-bf16", "keystone", "lora")
+
+
+def side_label(spec: TrainSpec) -> str:
+    """What a row of :class:`TrainSpec` is, for tables: e.g. ``"dense AMP, compiled"``, ``"LoRA r=16, eager"``."""
+    what = {"dense": "dense AMP" if spec.device == "cuda" else "dense fp32", "dense-bf16": "dense bf16",
+            "keystone": f"keystone {100 * spec.fraction:g}%", "lora": f"LoRA r={spec.lora_r}"}[spec.side]
+    return f"{what}, {'compiled' if spec.compile else 'eager'}"
 
 
 def _proc_status(field_name: str) -> int | None:
@@ -74,7 +87,11 @@ def build_train_step(spec: TrainSpec) -> tuple[Callable[[], None], dict]:
     activations on CUDA), KeystoneAdamW. lora: PEFT LoRA of rank ``spec.lora_r`` (alpha 2 r, fp32
     adapters) on q, k, v, o, gate, up, down of a frozen base (CPU: fp32, CUDA: bf16 with bf16
     autocast), torch AdamW over the adapters (foreach / fused). Same random tokens (``labels =
-    input_ids``) on every side. ``spec.liger``: Liger-Kernel's Llama kernels first (CUDA only).
+    input_ids``) on every side. dense-bf16: every parameter trainable in bf16 (weights and AdamW
+    moments), no autocast: the fastest dense step a user would try. ``spec.compile``: the model under
+    ``torch.compile`` (inductor, the default mode); keystone's optimizer is then
+    ``KeystoneAdamW(capturable=True, compile_step=True)`` (its device work in one graph), the others
+    keep their fused / foreach torch AdamW. ``spec.liger``: Liger-Kernel's Llama kernels first (CUDA only).
     The optimizer is returned as ``step.optimizer``, the phases as ``step.forward()`` (returns the loss)
     and ``step.optimize()`` (``step`` + ``zero_grad``).
     """
@@ -93,14 +110,23 @@ def build_train_step(spec: TrainSpec) -> tuple[Callable[[], None], dict]:
         info.update(optimizer=f"torch AdamW({next(iter(kw))})")
         autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
                     else contextlib.nullcontext)
+    elif spec.side == "dense-bf16":
+        model = build_model(shape, spec.layers, device=device, dtype=torch.bfloat16, seed=spec.seed)
+        params = [p for p in model.parameters() if p.requires_grad]
+        kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
+        opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, **kw)
+        info.update(optimizer=f"torch AdamW({next(iter(kw))}), bf16 states")
+        autocast = contextlib.nullcontext
     elif spec.side == "keystone":
         model = build_model(shape, spec.layers, device=device, dtype=torch.bfloat16, seed=spec.seed)
         mask = synthetic_mask(model, spec.fraction, spec.seed)
         patch(model, mask, frozen_dtype=torch.bfloat16, backend=spec.linear_backend or spec.backend,
               other_dtype=torch.float32 if device.type == "cpu" else None)
         params = keystone_parameters(model)
-        opt = KeystoneAdamW(params, lr=1e-5, weight_decay=0.01, backend=spec.backend)
-        info.update(neurons=mask.num_neurons, backend=model._keystone.backend, optimizer="KeystoneAdamW")
+        compiled = {"capturable": True, "compile_step": True} if spec.compile else {}
+        opt = KeystoneAdamW(params, lr=1e-5, weight_decay=0.01, backend=spec.backend, **compiled)
+        info.update(neurons=mask.num_neurons, backend=model._keystone.backend,
+                    optimizer="KeystoneAdamW" + ("(capturable, compile_step)" if spec.compile else ""))
         autocast = contextlib.nullcontext
     elif spec.side == "lora":
         cuda = device.type == "cuda"
@@ -113,13 +139,15 @@ def build_train_step(spec: TrainSpec) -> tuple[Callable[[], None], dict]:
                     base_dtype="bfloat16" if cuda else "float32")
         autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     else:
-        raise ValueError(f"side must be 'dense', 'keystone' or 'lora', got {spec.side!r}")
+        raise ValueError(f"side must be one of {', '.join(SIDES)}, got {spec.side!r}")
     model.train()
     info["trainable"] = sum(p.numel() for p in params)
+    info["label"] = side_label(spec)
+    run_model = torch.compile(model) if spec.compile else model
 
     def forward() -> torch.Tensor:
         with autocast():
-            return model(input_ids=ids, labels=ids, use_cache=False).loss
+            return run_model(input_ids=ids, labels=ids, use_cache=False).loss
 
     def optimize() -> None:
         opt.step()
@@ -158,7 +186,15 @@ def train_worker(spec: TrainSpec) -> dict:
         torch.cuda.synchronize(device)
         alloc_setup = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    t = measure(step, device, warmup=spec.warmup, reps=spec.reps)
+    t0 = time.perf_counter()
+    step()  # the first step: compiles, when compiled; builds the optimizer's state
+    _sync(device)
+    info["first_step_s"] = time.perf_counter() - t0
+    graphs = _compiled_graphs()
+    t = measure(step, device, warmup=max(0, spec.warmup - 1), reps=spec.reps)
+    info["phases"] = phase_times(step, device)
+    if spec.compile:  # no recompile after the first step (issue 20's target); a count that grew is one
+        info["graphs_after_first_step"], info["graphs_after_timing"] = graphs, _compiled_graphs()
     info["optimizer_state_bytes"] = optimizer_state_bytes(step.optimizer)
     tokens = spec.batch * spec.seq
     hwm = _proc_status("VmHWM")
@@ -168,6 +204,47 @@ def train_worker(spec: TrainSpec) -> dict:
     if device.type == "cuda":
         info.update(memory_allocated_setup=alloc_setup, peak_allocated=torch.cuda.max_memory_allocated(device))
     return info
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _compiled_graphs() -> int | None:
+    """Graphs dynamo has compiled in this process so far (None when dynamo was never imported)."""
+    if "torch._dynamo" not in sys.modules:  # importing it costs seconds: only read when already loaded
+        return None
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def phase_times(step: Callable[[], None], device: torch.device, reps: int = 3) -> dict[str, dict[str, float]]:
+    """Median host and device seconds of each phase of ``step`` (forward, backward, optimizer).
+
+    ``host_s``: the time until the phase's Python returns (on CUDA the kernels it queued may still
+    run); ``device_s``: CUDA events around the phase, after a sync before it (None on the CPU, where
+    host and device are one). A phase whose host time is close to its device time is bound by the host.
+    """
+    out: dict[str, list[tuple[float, float | None]]] = {"forward": [], "backward": [], "optimizer": []}
+    cuda = device.type == "cuda"
+    held: dict[str, torch.Tensor] = {}  # the forward's loss, for the backward
+    phases = (("forward", lambda: held.__setitem__("loss", step.forward())),
+              ("backward", lambda: held.pop("loss").backward()), ("optimizer", step.optimize))
+    for _ in range(reps):
+        for name, fn in phases:
+            _sync(device)
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            t0 = time.perf_counter()
+            fn()
+            host = time.perf_counter() - t0
+            if cuda:
+                end.record()
+                end.synchronize()
+            out[name].append((host, start.elapsed_time(end) / 1e3 if cuda else None))
+    return {name: {"host_s": statistics.median(h for h, _ in v),
+                   "device_s": statistics.median(d for _, d in v) if cuda else None} for name, v in out.items()}
 
 
 def worker_main(arg: str) -> None:
@@ -206,24 +283,37 @@ def _train_memory(r: dict, device: str) -> int:
 
 def bench_train(shape: Shape, device: torch.device, batch: int, seq: int, cases: Sequence[tuple[float, str]],
                 *, warmup: int = 1, reps: int = 2, seed: int = 0, log: Callable[[str], None] = print,
-                lora_ranks: Sequence[int] = (), liger: bool = False) -> dict:
+                lora_ranks: Sequence[int] = (), liger: bool = False, compiled: bool = False,
+                deadline: float | None = None) -> dict:
     """Full train step: dense full fine-tuning vs keystone ``(fraction, backend)`` cases, one process each.
 
     ``lora_ranks``: PEFT LoRA rows beside them (``out["lora"]``); ``liger``: the first keystone case
-    and LoRA r=16 again with Liger-Kernel applied (``out["liger"]``; CUDA, Llama shapes)."""
+    and LoRA r=16 again with Liger-Kernel applied (``out["liger"]``; CUDA, Llama shapes).
+    ``compiled``: every side at its best too (``out["compiled"]``): dense, dense in pure bf16, the
+    first keystone case and the first LoRA rank, each under ``torch.compile``. ``deadline``: a
+    ``time.monotonic()`` after which no row starts (and none runs past it); a row that fails or does
+    not fit costs only itself (``out["failed"]``), except dense and the keystone cases.
+    """
     out = {"shape": shape.name, "device": device.type, "batch": batch, "seq": seq,
-           "keystone": [], "lora": [], "liger": []}
+           "keystone": [], "lora": [], "liger": [], "compiled": []}
     common = dict(shape=shape.name, device=device.type, batch=batch, seq=seq, warmup=warmup, reps=reps, seed=seed)
-    dense = run_train_subprocess(TrainSpec(side="dense", **common))
-    dense["memory_bytes"] = _train_memory(dense, device.type)
-    dense["flops"] = train_step_flops(shape, batch, seq)
-    out["dense"] = dense
+
+    def timeout() -> float:
+        return 1800 if deadline is None else min(1800.0, deadline - time.monotonic())
+
+    def measured(r: dict, spec: TrainSpec) -> dict:
+        r["memory_bytes"] = _train_memory(r, device.type)
+        if spec.side != "lora":  # LoRA's FLOPs: cost.train_step_bound
+            r["flops"] = train_step_flops(shape, batch, seq, None if spec.side.startswith("dense") else r["trainable"])
+        return r
+
+    dense_spec = TrainSpec(side="dense", **common)
+    out["dense"] = dense = measured(run_train_subprocess(dense_spec, timeout()), dense_spec)
     log(f"train step: {shape.name}, batch {batch} x seq {seq}: dense {dense['time']['median']:.3f} s/step, "
         f"{dense['memory_bytes'] / GIB:.2f} GiB")
     for fraction, backend in cases:
-        r = run_train_subprocess(TrainSpec(side="keystone", fraction=fraction, backend=backend, **common))
-        r["memory_bytes"] = _train_memory(r, device.type)
-        r["flops"] = train_step_flops(shape, batch, seq, r["trainable"])
+        spec = TrainSpec(side="keystone", fraction=fraction, backend=backend, **common)
+        r = measured(run_train_subprocess(spec, timeout()), spec)
         r["fraction"], r["backend_requested"] = fraction, backend
         out["keystone"].append(r)
         log(f"  keystone {100 * fraction:g}% {r['backend']}: {r['time']['median']:.3f} s/step, "
@@ -232,19 +322,29 @@ def bench_train(shape: Shape, device: torch.device, batch: int, seq: int, cases:
     if liger and cases:
         extra += [("liger", dict(side="keystone", fraction=cases[0][0], backend=cases[0][1], liger=True)),
                   ("liger", dict(side="lora", lora_r=16, liger=True))]
+    if compiled:
+        extra += [("compiled", dict(side="dense", compile=True)), ("compiled", dict(side="dense-bf16", compile=True))]
+        if cases:
+            extra.append(("compiled", dict(side="keystone", fraction=cases[0][0], backend=cases[0][1], compile=True)))
+        if lora_ranks:
+            extra.append(("compiled", dict(side="lora", lora_r=lora_ranks[0], compile=True)))
     for where, kw in extra:
-        what = (f"LoRA r={kw['lora_r']}" if kw["side"] == "lora" else f"keystone {100 * kw['fraction']:g}%") + (
-            " + Liger" if kw.get("liger") else "")
+        spec = TrainSpec(**kw, **common)
+        what = side_label(spec) + (" + Liger" if spec.liger else "")
+        left = timeout()
+        if left < 10:
+            log(f"  {what}: not run (the deadline has passed)")
+            out.setdefault("failed", []).append({"row": what, "error": "not run: the run's deadline had passed"})
+            continue
         try:  # a missing optional package (peft, liger-kernel) costs its row, not the dense and keystone ones
-            r = run_train_subprocess(TrainSpec(**kw, **common))
+            r = measured(run_train_subprocess(spec, left), spec)
         except (RuntimeError, subprocess.TimeoutExpired) as err:
             log(f"  {what}: FAILED: {str(err).splitlines()[-1] if str(err) else err!r}")
             out.setdefault("failed", []).append({"row": what, "error": str(err)[-2000:]})
             continue
-        r["memory_bytes"] = _train_memory(r, device.type)
         out[where].append(r)
-        log(f"  {what}: {r['time']['median']:.3f} s/step, {r['memory_bytes'] / GIB:.2f} GiB, "
-            f"{r['trainable']:,} trainable")
+        log(f"  {what}: {r['time']['median']:.3f} s/step (first step {r.get('first_step_s', 0):.1f} s), "
+            f"{r['memory_bytes'] / GIB:.2f} GiB, {r['trainable']:,} trainable")
     return out
 
 
