@@ -200,6 +200,29 @@ def test_every_metadata_field_is_covered_by_the_checksum(adapter, field, value):
         load_adapter(tiny_model("llama"), adapter, backend="reference")
 
 
+@pytest.mark.parametrize("fmt", ["keystone-adapter/1", "keystone-adapter/2"])
+def test_an_edited_adapter_relabelled_to_an_older_format_is_refused(adapter, fmt):
+    """Editing the mask and the format field together must not skip the check: /1 carried no checksum, and /2's
+    covers the tensors alone, which a /3 checksum is not."""
+    meta = _metadata(adapter)
+    meta["mask"] = meta["mask"].replace("1", "2", 1)
+    meta["format"] = fmt
+    save_file(load_file(adapter), adapter, metadata=meta)
+    with pytest.raises(ValueError, match="format field was edited" if fmt.endswith("/1") else "checksum"):
+        load_adapter(tiny_model("llama"), adapter, backend="reference")
+
+
+def test_a_version_1_adapter_without_a_checksum_loads_with_a_warning(adapter):
+    tensors = load_file(adapter)
+    meta = _metadata(adapter)
+    meta["format"] = "keystone-adapter/1"
+    del meta["checksum"]
+    save_file(tensors, adapter, metadata=meta)
+    with pytest.warns(UserWarning, match="before adapters carried checksums"):
+        model = load_adapter(tiny_model("llama"), adapter, backend="reference")
+    assert all(torch.equal(p.detach(), tensors[n]) for n, p in model.named_parameters() if n in tensors)
+
+
 def test_a_version_2_adapter_loads_with_a_warning(adapter):
     from keystone_kernels.serialization.adapter import tensors_checksum
 

@@ -130,6 +130,10 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
                              "edited); use an intact copy or save the adapter again")
         warnings.warn(f"{path} is a {fmt} adapter, whose checksum covers its tensors but not its mask and other "
                       "metadata: an edit there cannot be detected; save it again to cover them", stacklevel=3)
+    elif "checksum" in metadata:  # /1 never wrote one: a newer file whose format field was edited to skip the check
+        raise ValueError(f"{path} claims format {fmt!r}, which carried no checksum, yet holds one: its format field "
+                         f"was edited (a {FORMAT!r} adapter relabelled to skip its check). Use an intact copy or save "
+                         "the adapter again")
     else:
         warnings.warn(f"{path} is a {fmt} adapter, written before adapters carried checksums: its values cannot be "
                       "verified; save it again to add one", stacklevel=3)
