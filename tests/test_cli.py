@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from tiny import tiny_model, tiny_tokenizer, write_sft_files
+from tiny import FAMILY_CONFIGS, tiny_model, tiny_tokenizer, write_sft_files
 
 from keystone_kernels.cli import main
 from keystone_kernels.sft import latest_checkpoint
@@ -197,18 +197,39 @@ def test_a_full_disk_while_writing_a_checkpoint_names_it_and_keeps_the_last_one(
     assert json.loads((latest_checkpoint(out) / "state.json").read_text())["step"] == 2
 
 
-def test_too_long_responses_are_cut_to_the_context_on_gpt2(tmp_path, capsys):
-    from tiny import tiny_model, tiny_tokenizer
+MOE_FAMILIES = ("mixtral", "qwen3_moe")
 
-    model_dir = tmp_path / "gpt2"
-    tiny_model("gpt2").save_pretrained(model_dir)  # n_positions 64
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_too_long_responses_are_cut_to_the_context_on_every_family(family, tmp_path, monkeypatch):
+    from keystone_kernels import commands
+
+    config = FAMILY_CONFIGS[family]()
+    context = getattr(config, "max_position_embeddings", None) or config.n_positions
+    assert context == 64  # far below the CLI's --max-length of 256, so the cut must happen
+    model_dir = tmp_path / family
+    tiny_model(family).save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
-    rows = [{"prompt": f"{a}+{a}=", "response": "long " * 30 + str(2 * a)} for a in range(6)]
+    rows = [{"prompt": f"{a}+{a}=", "response": "long " * 30 + str(2 * a)} for a in range(6)]  # ~160 tokens each
     (tmp_path / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = ["sft", "--model", str(model_dir), "--data", str(tmp_path / "long.jsonl"), "--no-eval", "--top-fraction",
-            "0.05", "--steps", "2", "--batch-size", "2", "--output", str(tmp_path / "run"), "--backend", "reference"]
-    with pytest.warns(UserWarning, match="max_length=256 is longer than the model's context of 64 tokens"):
+    datasets = []
+    load = commands.load_sft_dataset
+    monkeypatch.setattr(commands, "load_sft_dataset", lambda *a, **k: datasets.append(load(*a, **k)) or datasets[-1])
+    args = ["sft", "--model", str(model_dir), "--data", str(tmp_path / "long.jsonl"), "--no-eval", "--steps", "2",
+            "--batch-size", "2", "--output", str(tmp_path / "run"), "--backend", "reference"]
+    if family in MOE_FAMILIES:  # sft cannot patch expert weights yet: a mask of attention neurons only
+        (tmp_path / "mask.json").write_text(json.dumps({"attn_q": {"0": [1, 5, 17], "1": [2]}, "attn_o": {"1": [3]}}))
+        args += ["--mask", str(tmp_path / "mask.json")]
+    else:
+        args += ["--top-fraction", "0.05"]
+    with pytest.warns(UserWarning) as caught:
         assert main(args) == 0
+    messages = [str(w.message) for w in caught]
+    assert any("max_length=256 is longer than the model's context of 64 tokens" in m for m in messages), messages
+    assert any("6 of 6 rows were longer than max_length=64 and were truncated" in m for m in messages), messages
+    (dataset,) = datasets
+    assert [len(e.input_ids) for e in dataset.examples] == [context] * len(rows)  # cut to the context, not beyond
+    assert all(any(label != -100 for label in e.labels) for e in dataset.examples)  # response tokens left to learn
     assert len(json.loads((tmp_path / "run" / "metrics.json").read_text())["losses"]) == 2
 
 
