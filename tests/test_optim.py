@@ -2,6 +2,7 @@
 
 import copy
 import gc
+import math
 
 import pytest
 import torch
@@ -636,3 +637,96 @@ def test_capturable_skips_a_step_whose_norm_overflows():
         p.grad = torch.full(p.shape, 3e19)
     opt.step()
     assert opt.skipped_steps == 1 and all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+def _three_modes(backend, device, gen, **kw):
+    """The same modules and gradients stepped by KeystoneAdamW in each nonfinite mode (defer is the default)."""
+    out = {}
+    for mode in ("defer", "raise", "skip"):
+        mods = _modules(torch.bfloat16, torch.Generator().manual_seed(21), device)
+        params = [p for m in mods for p in m.keystone_parameters()]
+        out[mode] = mods, params, KeystoneAdamW(params, backend=backend, nonfinite=mode, **kw)
+    assert KeystoneAdamW([torch.nn.Parameter(torch.ones(2))]).nonfinite == "defer"
+    return out
+
+
+def _grads(params, gen, device, bad=False):
+    grads = [torch.randn(p.shape, generator=gen) for p in params]
+    if bad:
+        grads[1][0, 0] = float("nan")
+    for p, g in zip(params, grads):
+        p.grad = g.to(device)
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_the_default_step_equals_the_raising_one_bit_for_bit_and_reports_a_skip_one_step_late(any_backend, clip):
+    """defer (the default) decides on the device and reads the verdict at the next step(): the same weights,
+    state and counts as "raise" (one host sync per step) and "skip", bit for bit, a skipped step included."""
+    backend, device = any_backend
+    modes = _three_modes(backend, device, None, lr=1e-2, weight_decay=0.1, max_grad_norm=clip)
+    for i, bad in enumerate([False, False, True, False, False]):
+        for mode, (_, params, opt) in modes.items():
+            _grads(params, torch.Generator().manual_seed(100 + i), device, bad)
+            if mode == "raise" and bad:
+                with pytest.raises(ValueError, match="non-finite gradient"):
+                    opt.step()
+            elif mode == "defer" and i == 3:  # the step after the skipped one: its verdict, raised; nothing taken
+                with pytest.raises(ValueError, match="last step's gradients were not finite.* this step was not"):
+                    opt.step()
+                opt.step()  # the same gradients again: now taken
+            else:
+                opt.step()
+    (m0, p0, o0), (m1, p1, o1), (m2, p2, o2) = modes.values()
+    for ps in (p1, p2):
+        assert all(torch.equal(bits(a), bits(b)) for a, b in zip(p0, ps))
+    for ms in (m1, m2):
+        assert all(torch.equal(bits(a.frozen_weight), bits(b.frozen_weight)) for a, b in zip(m0, ms))
+    states = [o.state_dict()["state"] for o in (o0, o1, o2)]
+    for s0, s in ((states[0], states[1]), (states[0], states[2])):
+        for k in s0:
+            assert all(torch.equal(bits(s0[k][n].float().cpu()), bits(s[k][n].float().cpu())) for n in s0[k])
+    assert all(int(v["step"]) == 4 for v in states[0].values())
+    assert o0.last_grad_norm == o1.last_grad_norm and isinstance(o0.last_grad_norm, float)
+    assert o2.skipped_steps == 1 and o0.skipped_steps == 1
+
+
+def test_a_skipped_deferred_step_is_taken_back_before_state_dict_reads_the_counts():
+    modes = _three_modes("reference", "cpu", None, lr=1e-2)
+    _, params, opt = modes["defer"]
+    _grads(params, torch.Generator().manual_seed(1), "cpu")
+    opt.step()
+    snap = [p.detach().clone() for p in params]
+    _grads(params, torch.Generator().manual_seed(2), "cpu", bad=True)
+    opt.step()  # no error yet: the verdict is read later
+    assert all(int(v["step"]) == 1 for v in opt.state_dict()["state"].values())  # settled: the skip taken back
+    assert all(torch.equal(p, s) for p, s in zip(params, snap))
+    assert math.isnan(opt.last_grad_norm)
+    with pytest.raises(ValueError, match="not finite"):
+        opt.step()
+
+
+def test_the_default_step_reads_nothing_on_the_host(monkeypatch):
+    """No .item() / float() / int() / bool() / .tolist() of a tensor in a default-mode step: on a GPU it never
+    waits for the device (issue 21); the previous step's verdict is read from a host buffer."""
+    gen = torch.Generator().manual_seed(13)
+    mods, params, twins, opt, _ = _stepped_pair("reference", "cpu", gen, lr=1e-2, max_grad_norm=0.5)
+    assert opt.nonfinite == "defer"
+    _random_grads(params, twins, gen, "cpu")
+    opt.step()  # the first step builds the layout (allowed to read sizes once)
+    reads = []
+
+    def forbidden(name):
+        def read(self, *a, **k):
+            reads.append(name)
+            raise AssertionError(f"step() called Tensor.{name}")
+        return read
+
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden(name))
+    for _ in range(3):
+        for p in params:
+            p.grad.copy_(torch.randn(p.shape, generator=gen))
+        opt.step()
+    monkeypatch.undo()
+    assert reads == []
+    assert opt.skipped_steps == 0 and opt.last_grad_norm > 0

@@ -47,6 +47,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from operator import attrgetter, is_
 
 import torch
@@ -68,7 +69,7 @@ from .state_checks import (
     tensor_name,
 )
 
-NONFINITE = ("raise", "skip")
+NONFINITE = ("defer", "raise", "skip")
 _CAPTURE_BEFORE_LAYOUT = (
     "KeystoneAdamW's step is being captured in a CUDA graph, but its flat layout must be built first ({reason}): "
     "building it allocates the arenas and reads data pointers, which a capture cannot. Call opt.build_layout() (or "
@@ -196,12 +197,30 @@ def _bucket_sync(params: list[Tensor]) -> ReplicaSync | None:
     return ReplicaSync(next(iter(groups.values())), list(layers.values()))
 
 
+@dataclass
+class _Pending:
+    """A deferred step whose verdict the host has not read: ``verdict`` [norm, skipped] (a pinned host copy on
+    CUDA, written by an async copy that ``done`` marks), and the buckets whose counts it advanced."""
+
+    verdict: Tensor
+    done: torch.cuda.Event | None
+    buckets: list[_Bucket]
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A small host tensor on ``device`` without a sync: from pinned memory, asynchronously, on CUDA."""
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class _Bucket:
     """The tensors of one param group on one device: flat arenas, their views, the layout, the step count."""
 
     def __init__(self, group: dict, params: list[Tensor], layout: FlatLayout, arenas: dict[str, Tensor],
-                 grad_views: list[Tensor], step: Tensor, sync=None):
+                 grad_views: list[Tensor], step: Tensor, sync=None, count: int = 0):
         self.group, self.params, self.layout, self.grad_views, self.step = group, params, layout, grad_views, step
+        self.count = count  # the step count as a Python int (the default mode's host scalars read it, not ``step``)
         self.sync = sync  # a ReplicaSync on a model sharded by keystone_kernels.fully_shard, else None
         self.master, self.grad = arenas["master"], arenas["grad"]
         self.exp_avg, self.exp_avg_sq = arenas["exp_avg"], arenas["exp_avg_sq"]
@@ -260,9 +279,13 @@ class KeystoneAdamW(torch.optim.Optimizer):
             0-dim tensor (read on the device in capturable mode).
         max_grad_norm: clip the global L2 norm of all gradients to this, folded into the step as a
             scale (None: no clipping). The norm before clipping is kept in ``last_grad_norm``.
-        nonfinite: what a step does when a gradient holds NaN or Inf: ``"raise"`` a ValueError naming
-            the tensor, or ``"skip"`` the step (counted in ``skipped_steps``); either way weights,
-            state and step counts stay as they were. Default: "raise", or "skip" when capturable.
+        nonfinite: what a step does when a gradient holds NaN or Inf (or finite values whose norm
+            overflows fp32): the step is never taken (weights, state and step counts stay as they
+            were), and ``"defer"`` (the default) raises a ValueError at the next ``step()``: the
+            device decides to skip, and the host reads that verdict one step late, so a step never
+            waits on the device; ``"raise"`` raises in the same step and names the tensor, at the
+            cost of one host sync per step; ``"skip"`` skips and counts (``skipped_steps``) without
+            a sync. Capturable mode allows "skip" only (its default).
         capturable: never read a device value on the host in ``step()`` (torch's name): the step
             count lives on the device, and the norm, clip scale and skip decision are computed there
             and consumed by the kernel, so a step can be captured in a CUDA graph. ``last_grad_norm``
@@ -316,7 +339,7 @@ class KeystoneAdamW(torch.optim.Optimizer):
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"invalid max_grad_norm: {max_grad_norm} (must be > 0, or None)")
         if nonfinite is None:
-            nonfinite = "skip" if capturable else "raise"
+            nonfinite = "skip" if capturable else "defer"
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         if compile_step and not capturable:
@@ -341,6 +364,8 @@ class KeystoneAdamW(torch.optim.Optimizer):
         self._last_grad_norm: float | Tensor | None = None
         self._skipped = 0
         self._skipped_t: Tensor | None = None
+        self._pending: _Pending | None = None  # a deferred step whose verdict the host has not read yet
+        self._deferred_error: str | None = None  # what the next step() raises
         self._buckets: list[_Bucket] | None = None
         self._stale: str | None = "it was never built"  # why the layout must be rebuilt, None while it is current
         self._frozen_by: str | None = None  # "compiled" / "captured in a CUDA graph": no rebuild from then on
@@ -380,6 +405,7 @@ class KeystoneAdamW(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         """torch's ``{"state", "param_groups"}`` plus ``"keystone_layout"``: each tensor's kind, shape and its
         layer's keystone rows and columns, so that a state of another mask is refused at load."""
+        self._settle()  # the step counts of a skipped deferred step are taken back first
         out = super().state_dict()
         out[LAYOUT_KEY] = [describe(p) for g in self.param_groups for p in g["params"]]
         return out
@@ -387,6 +413,7 @@ class KeystoneAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's, after :meth:`_check_state` (nothing changes when it raises)."""
         self._check_state(state_dict)
+        self._settle()
         super().load_state_dict({k: v for k, v in state_dict.items() if k != LAYOUT_KEY})
         self.layout_changed("load_state_dict replaced its state")  # copied into fresh arenas on the next step
 
@@ -430,12 +457,16 @@ class KeystoneAdamW(torch.optim.Optimizer):
 
     @property
     def last_grad_norm(self) -> float | Tensor | None:
-        """Global gradient norm of the last step before clipping (a device tensor when capturable)."""
+        """Global gradient norm of the last step before clipping (a device tensor when capturable; in the default
+        mode reading it waits for the last step's verdict)."""
+        self._settle()
         return self._last_grad_norm
 
     @property
     def skipped_steps(self) -> int:
-        """Steps skipped for non-finite gradients (reading it syncs once when capturable)."""
+        """Steps skipped for non-finite gradients (reading it syncs once when capturable, and waits for the last
+        step's verdict in the default mode)."""
+        self._settle()
         return int(self._skipped_t) if self.capturable and self._skipped_t is not None else self._skipped
 
     @property
@@ -462,6 +493,7 @@ class KeystoneAdamW(torch.optim.Optimizer):
         if torch.compiler.is_compiling():
             raise RuntimeError("KeystoneAdamW.build_layout() cannot run inside a compiled region: call it before "
                                "compiling the step")
+        self._settle()  # its buckets are about to go
         self._frozen_by = None
         self._compiled_update = None  # a compiled step traced the old arenas: trace the new ones
         self._buckets = None
@@ -538,7 +570,7 @@ class KeystoneAdamW(torch.optim.Optimizer):
             for p in params:
                 self.state[p]["step"] = step  # one tensor per group, shared: torch's key, O(1) to advance
             sync = _bucket_sync(params)
-            buckets.append(_Bucket(group, params, layout, arenas, grad_views, step, sync))
+            buckets.append(_Bucket(group, params, layout, arenas, grad_views, step, sync, int(step_count)))
         return buckets
 
     # ------------------------------------------------------------------ the step
@@ -564,6 +596,10 @@ class KeystoneAdamW(torch.optim.Optimizer):
         self._eager_only_step = torch.compiler.disable(self._eager_step, recursive=True, reason=_NOT_TRACEABLE)
 
     def _eager_step(self, closure=None):
+        self._settle()
+        if self._deferred_error is not None:  # the verdict of the last step, read one step late
+            error, self._deferred_error = self._deferred_error, None
+            raise ValueError(error)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -592,8 +628,10 @@ class KeystoneAdamW(torch.optim.Optimizer):
             for b in active:
                 if b.sync is not None:
                     b.sync.scatter()  # a skipped step rewrites the unchanged values: harmless
-        else:
+        elif self.nonfinite == "raise":
             self._step_from_host(active, hyper, _global_norm(active))
+        else:
+            self._step_deferred(active, hyper)
         return loss
 
     def _device_update(self):
@@ -661,6 +699,77 @@ class KeystoneAdamW(torch.optim.Optimizer):
             if b.sync is not None:
                 b.sync.scatter()
             b.step += 1  # only once the step went through
+
+    def _step_deferred(self, active: list[_Bucket], hyper: list[tuple[float, float, float, float]]) -> None:
+        """The default mode's step, with no host sync: the norm, the clip scale and the skip decision stay on
+        the device and are consumed by the kernel, as in capturable mode, while the host passes the scalars
+        it knows (decay, bias corrections) as it does in "raise" mode, with the same rounding.
+
+        The host reads the verdict (norm, skipped or not) at the next ``step()``, ``state_dict()`` or read
+        of ``last_grad_norm`` / ``skipped_steps`` (:meth:`_settle`); by then the device has long finished
+        this step, so on CUDA that read waits for this step's copy event alone, never for later work. Until
+        then the step counts assume it went through; a skipped step takes them back.
+        """
+        total = _global_norm(active)
+        total64 = total.double()
+        bad64 = torch.isnan(total64 - total64).double()  # 1.0 for a NaN or infinite norm (inf - inf is NaN)
+        scale64 = None
+        if self.max_grad_norm is not None:  # the host path's formula, in the same double precision
+            scale64 = torch.where(total64 > self.max_grad_norm, self.max_grad_norm / (total64 + 1e-6), 1.0)
+        for b, (beta1, beta2, eps, lr) in zip(active, hyper):
+            g = b.group
+            dev = b.master.device
+            # (decay, step_size, bc2_sqrt, +-1) from the host; the clip scale and the skip flag from the device
+            known = _to_device(torch.tensor(host_scalars(lr, g["weight_decay"], b.count + 1, beta1, beta2,
+                                                         g["maximize"], 1.0), dtype=torch.float64), dev)
+            gscale = known[3:] if scale64 is None else known[3:] * scale64.to(dev)
+            scalars = torch.cat([known[:3], gscale, bad64.to(dev).reshape(1)]).float()
+            fused_adamw_scatter_unchecked(b.layout, b.master, b.grad, b.exp_avg, b.exp_avg_sq, b.max_exp_avg_sq,
+                                          scalars=scalars, beta1=beta1, beta2=beta2, eps=eps, backend=self.backend)
+            if b.sync is not None:
+                b.sync.scatter()  # a skipped step rewrites the unchanged values: harmless
+            b.step += 1  # provisional: _settle takes it back if the device skipped the step
+            b.count += 1
+        verdict = torch.stack([total, bad64.float()])
+        done = None
+        if verdict.device.type == "cuda":  # an async copy into pinned memory, and an event to wait for it alone
+            host = torch.empty(2, dtype=torch.float32, pin_memory=True)
+            host.copy_(verdict, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            verdict = host
+        self._last_grad_norm = None
+        self._pending = _Pending(verdict, done, active)
+
+    def _settle(self) -> None:
+        """Read the verdict of the last deferred step, if any: its norm into ``last_grad_norm``, a skipped step's
+        counts taken back (and, in "defer" mode, its error kept for the next ``step()``), a zero norm checked
+        for frozen tensors as the host path does."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if pending.done is not None:
+            pending.done.synchronize()  # this step's copy only: later kernels keep running
+        norm, bad = (float(v) for v in pending.verdict.numpy())  # a host buffer: no device read
+        self._last_grad_norm = norm
+        if bad:
+            for b in pending.buckets:
+                b.step -= 1
+                b.count -= 1
+            self._skipped += 1
+            if self.nonfinite == "defer":
+                self._deferred_error = (
+                    f"the last step's gradients were not finite (global norm {norm}: a NaN or Inf, or values whose "
+                    "norm overflows float32): that step was skipped, leaving weights and optimizer state as they "
+                    "were, and this step was not taken either. KeystoneAdamW reads this verdict one step late so "
+                    "that no step waits on the device; pass nonfinite='raise' to stop in the same step and name the "
+                    "tensor (one host sync per step), or nonfinite='skip' to skip such steps and count them.")
+        elif norm == 0.0:  # what tensors frozen after the layout was built give
+            try:
+                for b in pending.buckets:
+                    _check_trainable(b.params)
+            except ValueError as err:
+                self._deferred_error = str(err)
 
     def _step_on_device(self, active: list[_Bucket], hyper: list[tuple[float, float, float, float | None]],
                         lrs: list[Tensor]) -> Tensor:
