@@ -186,3 +186,55 @@ def test_compiled_keystone_linear_matches_eager(any_backend, rng):
     torch.testing.assert_close(y, eager_y)
     for p, g in zip(module.keystone_parameters(), eager_grads):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("row_kind, col_kind, column_major", [
+    ("empty", "random", True), ("empty", "explicit_all", True), ("random", "empty", False),
+    ("random", "random", False), ("empty", "empty", False)])
+def test_a_column_owned_layer_stores_its_frozen_weight_column_major(row_kind, col_kind, column_major, rng):
+    """Keystone columns and no rows (o_proj / down_proj): an [out, in] view of an [in, out] buffer, so that the
+    optimizer's scatter of a column is contiguous; every other mask keeps row-major. Readers see [out, in]."""
+    n_out, n_in = 29, 37
+    w = torch.randn(n_out, n_in, generator=rng)
+    layer = KeystoneLinear(w, None, make_index(row_kind, n_out, rng), make_index(col_kind, n_in, rng),
+                           torch.bfloat16, "reference")
+    f = layer.frozen_weight
+    assert f.shape == (n_out, n_in) and torch.equal(f, w.bfloat16())
+    assert f.stride() == ((1, n_out) if column_major else (n_in, 1))
+    assert f.t().is_contiguous() == column_major
+    merged, _ = layer.merged_weight()
+    assert merged.is_contiguous() and torch.equal(merged, f)  # what export and save_pretrained write
+    layer.to(torch.float32)  # .to() / .half() keep the orientation
+    assert layer.frozen_weight.stride() == f.stride() and layer.frozen_weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("col_kind", ["random", "one", "explicit_all"])
+def test_column_major_and_row_major_storage_train_bit_for_bit_alike(any_backend, col_kind, rng):
+    """The same keystone columns stepped by KeystoneAdamW with the frozen weight column-major (the layer's choice)
+    and forced row-major: every frozen bit, forward output and gradient equal, on every backend."""
+    from keystone_kernels import KeystoneAdamW
+
+    backend, device = any_backend
+    n_out, n_in = 41, 23
+    w = torch.randn(n_out, n_in, generator=rng)
+    cols = make_index(col_kind, n_in, rng)
+    layers = [KeystoneLinear(w, None, torch.empty(0, dtype=torch.int64), cols, torch.bfloat16, backend).to(device)
+              for _ in range(2)]
+    layers[1].frozen_weight = layers[1].frozen_weight.contiguous()
+    assert layers[0].frozen_weight.stride() == (1, n_out) and layers[1].frozen_weight.stride() == (n_in, 1)
+    opts = [KeystoneAdamW(layer.keystone_parameters(), lr=3e-2, backend=backend) for layer in layers]
+    x = torch.randn(5, n_in, generator=rng).to(device)
+    for step in range(3):
+        grad_y = torch.randn(5, n_out, generator=torch.Generator().manual_seed(step)).to(device)
+        outs = []
+        for layer, opt in zip(layers, opts):
+            xi = x.clone().requires_grad_(True)
+            y = layer(xi)
+            y.backward(grad_y)
+            outs.append((y.detach(), xi.grad, layer.weight_cols.grad.clone()))
+            opt.step()
+            opt.zero_grad()
+        for a, b in zip(*outs):
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)  # a GEMM over another layout may sum in another order
+        assert torch.equal(layers[0].frozen_weight, layers[1].frozen_weight)  # the scatter itself: bit for bit
+        assert torch.equal(layers[0].weight_cols, layers[1].weight_cols)

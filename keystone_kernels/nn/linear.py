@@ -212,7 +212,8 @@ class KeystoneLinear(nn.Module):
         # own copies: the same tensor passed twice to the autograd Function breaks torch.compile's graph
         rows = rows.to(device, torch.int64, copy=True)
         cols = cols.to(device, torch.int64, copy=True)
-        self.register_buffer("frozen_weight", weight.to(frozen_dtype).contiguous(), persistent=True)
+        self.register_buffer("frozen_weight", self.frozen_storage(weight.to(frozen_dtype), len(rows), len(cols)),
+                             persistent=True)
         self.register_buffer("frozen_bias", None if bias is None else bias.detach().to(frozen_dtype).clone(),
                              persistent=True)
         self.register_buffer("rows", rows, persistent=False)
@@ -274,6 +275,24 @@ class KeystoneLinear(nn.Module):
         self.__dict__["_versioned"] = tuple(w.param for w in writes)
         self.__dict__["_writes"] = tuple(writes)
         self.__dict__["_shard_parts"] = {}
+
+    @staticmethod
+    def frozen_storage(weight: Tensor, n_rows: int, n_cols: int) -> Tensor:
+        """The frozen ``[out, in]`` weight as this layer stores it: row-major, or column-major (a ``[out, in]``
+        view of a contiguous ``[in, out]`` buffer, strides ``(1, out)``) for a layer that owns keystone
+        columns and no rows (o_proj / down_proj in the paper's mapping).
+
+        Why: the optimizer writes each keystone value back into the frozen weight. A keystone column of
+        a row-major weight is one element per row, each in its own cache line, which a CPU step pays as
+        a line read per element (bench: 7.6 ns per column value against 0.8 per row value on the dev
+        machine) and a GPU as a 32-byte sector per 2-byte store; column-major makes every column a
+        contiguous run. The orientation is internal: every reader sees ``[out, in]``, the kernels take
+        strides, and ``merged_weight``, ``state_dict`` consumers and export get contiguous row-major
+        copies where they need them.
+        """
+        if n_cols and not n_rows:
+            return weight.t().contiguous().t()
+        return weight.contiguous()
 
     @staticmethod
     def keystone_values(weight: Tensor | None, bias: Tensor | None, rows: Tensor, cols: Tensor,
@@ -452,7 +471,7 @@ class KeystoneLinear(nn.Module):
         weight = self.frozen_weight if weight is None else weight
         bias = self.frozen_bias if bias is None else bias
         dtype = dtype or weight.dtype
-        out = {"frozen_weight": weight.to(dtype, copy=True),
+        out = {"frozen_weight": weight.to(dtype, memory_format=torch.contiguous_format, copy=True),
                "frozen_bias": None if bias is None else bias.to(dtype, copy=True)}
         if masters:
             for w in self._writes:

@@ -53,7 +53,9 @@ def _frozen_as_parameters(module: KeystoneLinear) -> None:
         if t is None:
             continue
         del module._buffers[name]
-        module.register_parameter(name, nn.Parameter(t, requires_grad=False))
+        # row-major: FSDP2 shards contiguous parameters only, by rows (a column-owned layer's column-major
+        # storage, KeystoneLinear.frozen_storage, goes back to row-major when it is sharded)
+        module.register_parameter(name, nn.Parameter(t.contiguous(), requires_grad=False))
 
 
 def fully_shard(model: nn.Module, mesh=None, **fsdp_kwargs) -> nn.Module:
