@@ -285,9 +285,10 @@ class KeystoneLinear(nn.Module):
         Why: the optimizer writes each keystone value back into the frozen weight. A keystone column of
         a row-major weight is one element per row, each in its own cache line, which a CPU step pays as
         a line read per element and a GPU as a 32-byte sector per 2-byte store; column-major makes every
-        column a contiguous run (measured: docs/design.md section 5, bench/results/colmajor_ab_cpu). The orientation is internal: every reader sees ``[out, in]``, the kernels take
-        strides, and ``merged_weight``, ``state_dict`` consumers and export get contiguous row-major
-        copies where they need them.
+        column a contiguous run (measured: docs/design.md section 5, bench/results/colmajor_ab_cpu). The
+        orientation is internal: every reader sees ``[out, in]``, the kernels take strides, and
+        ``merged_weight``, ``state_dict`` consumers and export get contiguous row-major copies where
+        they need them.
         """
         if n_cols and not n_rows:
             return weight.t().contiguous().t()
