@@ -277,11 +277,10 @@ def _fake_rows(times: dict, calls: list):
     """A stand-in for run_train_subprocess: the time of each (side, compiled) from ``times``."""
     def fake(spec, timeout=1800):
         calls.append((spec.side, spec.compile, timeout))
-        return {"time": {"median": times[(spec.side, spec.compile)]}, "trainable": 10, "peak_rss": 3 + spec.compile,
-                "rss_after_imports": 1, "backend": spec.backend, "label": bench.side_label(spec), "spec": vars(spec),
-                "lora_r": spec.lora_r if spec.side == "lora" else None, "tokens_per_s": 16 / times[(spec.side,
-                                                                                                   spec.compile)],
-                "first_step_s": 5.0}
+        t = times[(spec.side, spec.compile)] * (0.9 if spec.bf16_compute else 1.0)
+        return {"time": {"median": t}, "trainable": 10, "peak_rss": 3 + spec.compile, "rss_after_imports": 1,
+                "backend": spec.backend, "label": bench.side_label(spec), "spec": vars(spec),
+                "lora_r": spec.lora_r if spec.side == "lora" else None, "tokens_per_s": 16 / t, "first_step_s": 5.0}
     return fake
 
 
@@ -299,11 +298,13 @@ def test_compiled_rows_run_every_side_at_its_best_and_are_compared_to_the_best_d
     tr = train_mod.bench_train(TINY, torch.device("cpu"), 2, 8, [(0.1, "reference")], lora_ranks=(16,),
                                compiled=True, log=lambda s: None)
     assert [(s, c) for s, c, _ in calls] == [("dense", False), ("keystone", False), ("lora", False), ("dense", True),
-                                             ("dense-bf16", True), ("keystone", True), ("lora", True)]
+                                             ("dense-bf16", True), ("keystone", True), ("keystone", False),
+                                             ("keystone", True), ("lora", True)]
     results = {"config": {"device": "cpu", "bandwidth": {"limit": 1e10}, "matmul_rate": 1e9}, "train": [tr]}
     rows = best_rows(results)
     assert [r["config"] for r in rows] == ["dense fp32, eager", "keystone 10%, eager", "LoRA r=16, eager",
                                            "dense fp32, compiled", "dense bf16, compiled", "keystone 10%, compiled",
+                                           "keystone 10% bf16, eager", "keystone 10% bf16, compiled",
                                            "LoRA r=16, compiled"]
     best = {r["config"]: r for r in rows}
     assert all(r["dense_best"] == "dense bf16, compiled" for r in rows)  # the fastest dense row
@@ -314,9 +315,10 @@ def test_compiled_rows_run_every_side_at_its_best_and_are_compared_to_the_best_d
     gpu = {"config": dict(results["config"], device="cuda")}
     at_1b = [dict(r, shape="llama-3.2-1b", batch=1, seq=512) for r in rows]
     targets = {t["target"].split(":")[1].strip(): t for t in best_targets(gpu, at_1b)}
-    assert targets["keystone 10%, compiled vs dense at its best (dense bf16, compiled)"]["value"] == 3.2
-    assert targets["keystone 10%, compiled vs dense at its best (dense bf16, compiled)"]["holds"]
-    assert targets["keystone 10%, compiled vs dense AMP eager"]["value"] == 8.0
+    best = "keystone 10% bf16, compiled"  # the fastest keystone row: 0.9 x 0.5 s
+    assert targets[f"{best} vs dense at its best (dense bf16, compiled)"]["value"] == pytest.approx(1.6 / 0.45)
+    assert targets[f"{best} vs dense at its best (dense bf16, compiled)"]["holds"]
+    assert targets[f"{best} vs dense AMP eager"]["value"] == pytest.approx(4.0 / 0.45)
     assert targets["keystone vs LoRA r=16, compiled, both compiled"]["value"] == pytest.approx(0.8 / 0.5)
     results["summary"] = {"rows": {"best": rows}}
     assert "every side at its best" in best_table(results) and "dense bf16, compiled" in best_table(results)
@@ -334,7 +336,8 @@ def test_rows_past_the_deadline_are_noted_not_run(monkeypatch):
     assert [(s, c) for s, c, _ in calls] == [("dense", False), ("keystone", False)]  # dense and keystone always run
     assert all(t <= 5 for *_, t in calls)  # and never past the deadline
     assert [f["row"] for f in tr["failed"]] == ["LoRA r=16, eager", "dense fp32, compiled", "dense bf16, compiled",
-                                                "keystone 10%, compiled", "LoRA r=16, compiled"]
+                                                "keystone 10%, compiled", "keystone 10% bf16, eager",
+                                                "keystone 10% bf16, compiled", "LoRA r=16, compiled"]
     assert all("deadline" in f["error"] for f in tr["failed"])
 
 

@@ -163,13 +163,14 @@ def best_rows(results: dict) -> list[dict]:
     """Per train step timed with ``compiled`` rows: every side eager and compiled, side by side.
 
     Rows: dense eager, its compiled and pure-bf16 compiled forms, the first keystone case eager and
-    compiled, the compiled LoRA rank eager and compiled. Each carries ``speedup_vs_dense_eager``,
+    compiled (on the CPU also computing in bf16, eager and compiled), the compiled LoRA rank eager
+    and compiled. Each carries ``speedup_vs_dense_eager``,
     ``speedup_vs_dense_best`` and ``memory_ratio_vs_dense_best`` (dense at its best: the fastest dense
     row), ``bound_s`` (:func:`step_bound`), ``first_step_s`` (compile time included) and ``phases``.
     """
     rows: list[dict] = []
     for tr in results.get("train", []):
-        compiled = tr.get("compiled") or []
+        compiled = tr.get("best") or tr.get("compiled") or []  # "compiled": runs before the bf16-compute rows
         if not compiled:
             continue
         side = lambda r: r.get("spec", {}).get("side")  # noqa: E731

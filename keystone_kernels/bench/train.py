@@ -51,6 +51,7 @@ class TrainSpec:
     layers: int | None = None  # decoder layers to build (None: all of the shape's)
     linear_backend: str | None = None  # keystone: the patched layers' backend (weight grads), if not ``backend``
     compile: bool = False  # torch.compile(model) (inductor); keystone also KeystoneAdamW(capturable, compile_step)
+    bf16_compute: bool = False  # keystone on the CPU: activations and GEMMs in bf16, as on CUDA (default: fp32)
 
 
 SIDES = ("dense", "dense-bf16", "keystone", "lora")
@@ -59,7 +60,8 @@ SIDES = ("dense", "dense-bf16", "keystone", "lora")
 def side_label(spec: TrainSpec) -> str:
     """What a row of :class:`TrainSpec` is, for tables: e.g. ``"dense AMP, compiled"``, ``"LoRA r=16, eager"``."""
     what = {"dense": "dense AMP" if spec.device == "cuda" else "dense fp32", "dense-bf16": "dense bf16",
-            "keystone": f"keystone {100 * spec.fraction:g}%", "lora": f"LoRA r={spec.lora_r}"}[spec.side]
+            "keystone": f"keystone {100 * spec.fraction:g}%" + (" bf16" if spec.bf16_compute else ""),
+            "lora": f"LoRA r={spec.lora_r}"}[spec.side]
     return f"{what}, {'compiled' if spec.compile else 'eager'}"
 
 
@@ -83,8 +85,8 @@ def build_train_step(spec: TrainSpec) -> tuple[Callable[[], None], dict]:
     dense: every parameter trainable, torch AdamW (foreach on CPU, fused on CUDA); fp32 on CPU,
     fp32 master weights with bf16 autocast on CUDA. keystone: the model built in bf16, then
     ``patch(model, mask, frozen_dtype=bf16)`` with a :func:`synthetic_mask` of ``spec.fraction``
-    (embeddings / norms back to fp32 on CPU, where KeystoneLinear computes in fp32; bf16
-    activations on CUDA), KeystoneAdamW. lora: PEFT LoRA of rank ``spec.lora_r`` (alpha 2 r, fp32
+    (embeddings / norms back to fp32 on CPU, where KeystoneLinear then computes in fp32, unless
+    ``bf16_compute``; bf16 activations on CUDA), KeystoneAdamW. lora: PEFT LoRA of rank ``spec.lora_r`` (alpha 2 r, fp32
     adapters) on q, k, v, o, gate, up, down of a frozen base (CPU: fp32, CUDA: bf16 with bf16
     autocast), torch AdamW over the adapters (foreach / fused). Same random tokens (``labels =
     input_ids``) on every side. dense-bf16: every parameter trainable in bf16 (weights and AdamW
@@ -121,7 +123,7 @@ def build_train_step(spec: TrainSpec) -> tuple[Callable[[], None], dict]:
         model = build_model(shape, spec.layers, device=device, dtype=torch.bfloat16, seed=spec.seed)
         mask = synthetic_mask(model, spec.fraction, spec.seed)
         patch(model, mask, frozen_dtype=torch.bfloat16, backend=spec.linear_backend or spec.backend,
-              other_dtype=torch.float32 if device.type == "cpu" else None)
+              other_dtype=torch.float32 if device.type == "cpu" and not spec.bf16_compute else None)
         params = keystone_parameters(model)
         compiled = {"capturable": True, "compile_step": True} if spec.compile else {}
         opt = KeystoneAdamW(params, lr=1e-5, weight_decay=0.01, backend=spec.backend, **compiled)
@@ -289,13 +291,14 @@ def bench_train(shape: Shape, device: torch.device, batch: int, seq: int, cases:
 
     ``lora_ranks``: PEFT LoRA rows beside them (``out["lora"]``); ``liger``: the first keystone case
     and LoRA r=16 again with Liger-Kernel applied (``out["liger"]``; CUDA, Llama shapes).
-    ``compiled``: every side at its best too (``out["compiled"]``): dense, dense in pure bf16, the
-    first keystone case and the first LoRA rank, each under ``torch.compile``. ``deadline``: a
+    ``compiled``: every side at its best too (``out["best"]``): dense, dense in pure bf16, the
+    first keystone case and the first LoRA rank, each under ``torch.compile``, and on the CPU the
+    first keystone case computing in bf16, eager and compiled. ``deadline``: a
     ``time.monotonic()`` after which no row starts (and none runs past it); a row that fails or does
     not fit costs only itself (``out["failed"]``), except dense and the keystone cases.
     """
     out = {"shape": shape.name, "device": device.type, "batch": batch, "seq": seq,
-           "keystone": [], "lora": [], "liger": [], "compiled": []}
+           "keystone": [], "lora": [], "liger": [], "best": []}
     common = dict(shape=shape.name, device=device.type, batch=batch, seq=seq, warmup=warmup, reps=reps, seed=seed)
 
     def timeout() -> float:
@@ -323,11 +326,15 @@ def bench_train(shape: Shape, device: torch.device, batch: int, seq: int, cases:
         extra += [("liger", dict(side="keystone", fraction=cases[0][0], backend=cases[0][1], liger=True)),
                   ("liger", dict(side="lora", lora_r=16, liger=True))]
     if compiled:
-        extra += [("compiled", dict(side="dense", compile=True)), ("compiled", dict(side="dense-bf16", compile=True))]
+        extra += [("best", dict(side="dense", compile=True)), ("best", dict(side="dense-bf16", compile=True))]
         if cases:
-            extra.append(("compiled", dict(side="keystone", fraction=cases[0][0], backend=cases[0][1], compile=True)))
+            first = dict(side="keystone", fraction=cases[0][0], backend=cases[0][1])
+            extra.append(("best", dict(first, compile=True)))
+            if device.type == "cpu":  # the CPU computes keystone in fp32 unless asked: bf16 is what dense-bf16 gets
+                extra += [("best", dict(first, bf16_compute=True)),
+                          ("best", dict(first, bf16_compute=True, compile=True))]
         if lora_ranks:
-            extra.append(("compiled", dict(side="lora", lora_r=lora_ranks[0], compile=True)))
+            extra.append(("best", dict(side="lora", lora_r=lora_ranks[0], compile=True)))
     for where, kw in extra:
         spec = TrainSpec(**kw, **common)
         what = side_label(spec) + (" + Liger" if spec.liger else "")
