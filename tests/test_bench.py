@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from keystone_kernels import bench
+from keystone_kernels import KeystoneLinear, bench
 from keystone_kernels.bench import (
     SHAPES,
     OptimizerCase,
@@ -348,3 +348,28 @@ def test_train_compiled_and_deadline_options():
     assert args.train_compiled and args.train_deadline == 90
     assert main(["bench", "--train-deadline", "-1", "--device", "cpu"]) == 2
     assert bench.make_plan(torch.device("cpu"), quick=True).train_reps == 3
+
+
+def test_scatter_written_bytes_counts_whole_cache_lines_by_hand():
+    from keystone_kernels.bench import scatter_written_bytes
+
+    # a [8, 64] bf16 row-major weight (128 B rows = 2 lines each)
+    assert scatter_written_bytes(torch.tensor([1, 5]), None, (8, 64), (64, 1), 2) == 2 * 2 * 64  # two whole rows
+    # one keystone column, row-major: each of the 8 values in its own line
+    assert scatter_written_bytes(None, torch.tensor([3]), (8, 64), (64, 1), 2) == 8 * 64
+    # the same column with the weight column-major (strides (1, 8)): 8 values, 16 contiguous bytes, one line
+    assert scatter_written_bytes(None, torch.tensor([3]), (8, 64), (1, 8), 2) == 64
+    assert scatter_written_bytes(torch.tensor([], dtype=torch.int64), None, (8, 64), (64, 1), 2) == 0
+
+
+def test_a_column_major_layout_writes_each_line_once(monkeypatch):
+    """KeystoneSetup.write_amplification on a tiny model: the layer's column-major storage keeps the column
+    scatters within 2x of their bytes, where row-major storage would write a whole line per value."""
+    from keystone_kernels.bench.optimizer import KeystoneSetup
+
+    layers = [KeystoneLinear(torch.randn(64, 256), None, torch.empty(0, dtype=torch.int64), torch.tensor([3, 4, 90]),
+                             torch.bfloat16, "reference")]
+    setup = KeystoneSetup(None, layers, [p for m in layers for p in m.keystone_parameters()], [])
+    assert setup.write_amplification() <= 2
+    layers[0].frozen_weight = layers[0].frozen_weight.contiguous()  # row-major: two lines per row for 3 values
+    assert setup.write_amplification() > 10

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
+
 from .shapes import Shape
 
 
@@ -144,3 +146,21 @@ def train_step_bound(shape: Shape, batch: int, seq: int, side: str, trainable: i
         flops = part["forward"] + part["input_grad"] + 6 * tokens * trainable
     nbytes = train_step_bytes(shape, side, trainable, cuda)
     return {"flops": flops, "bytes": nbytes, "seconds": flops / matmul_rate + nbytes / bandwidth}
+
+
+def scatter_written_bytes(rows: torch.Tensor | None, cols: torch.Tensor | None, shape: tuple[int, int],
+                          strides: tuple[int, int], element_size: int, line: int = 64) -> int:
+    """Bytes of memory the scatter of one keystone tensor writes, counted in whole ``line``-byte cache
+    lines: a 2-byte store into a line the step touches nowhere else still moves the line.
+
+    The target is a ``shape = (out, in)`` weight with element ``strides``; the tensor writes
+    ``W[rows[i], cols[j]]`` (None: every row / column, in order). Its useful bytes are
+    ``len(rows) * len(cols) * element_size``; the ratio of the two is what a layout costs beyond them
+    (a keystone column of a row-major weight: one line per value, 32x for bf16).
+    """
+    r = torch.arange(shape[0]) if rows is None else rows.cpu()
+    c = torch.arange(shape[1]) if cols is None else cols.cpu()
+    if not r.numel() or not c.numel():
+        return 0
+    byte = (r[:, None] * strides[0] + c[None, :] * strides[1]) * element_size
+    return int(torch.unique(byte.flatten() // line).numel()) * line

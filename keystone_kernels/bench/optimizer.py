@@ -10,7 +10,7 @@ import torch
 
 from ..nn.linear import KeystoneLinear
 from ..optim import KeystoneAdamW
-from .cost import dense_adamw_bytes, keystone_step_bytes, keystone_tensor_layout
+from .cost import dense_adamw_bytes, keystone_step_bytes, keystone_tensor_layout, scatter_written_bytes
 from .shapes import Shape, build_model, projection_path, synthetic_mask
 from .timing import GIB, count_launches, measure, peak_bytes
 
@@ -128,6 +128,17 @@ class KeystoneSetup:
     def optimizer(self, backend: str):
         return KeystoneAdamW(self.params, lr=1e-5, weight_decay=0.01, backend=backend)
 
+    def write_amplification(self) -> float:
+        """Cache-line bytes the optimizer's scatters write over the bytes of the values they store
+        (:func:`~keystone_kernels.bench.cost.scatter_written_bytes`, over every keystone tensor)."""
+        written = useful = 0
+        for m in self.modules:
+            for w in m.writes():
+                t = m.frozen_2d(w)
+                written += scatter_written_bytes(w.rows, w.cols, tuple(t.shape), t.stride(), t.element_size())
+                useful += w.param.numel() * t.element_size()
+        return written / useful if useful else 1.0
+
 
 def fit_layers(shape: Shape, budget: int, bytes_per_weight: float = 26) -> int:
     """Decoder layers whose projections fit ``budget`` bytes at ``bytes_per_weight`` (dense AdamW:
@@ -193,6 +204,7 @@ def bench_optimizer(shape: Shape, fractions: Sequence[float], backends: Sequence
     for f in fractions:
         ks = case.keystone(f, backends[0], seed)
         n_params = sum(p.numel() for p in ks.params)
+        amplification = ks.write_amplification()
         for backend in backends:
             opt = ks.optimizer(backend)
             peak = peak_bytes(opt.step, device)
@@ -204,6 +216,7 @@ def bench_optimizer(shape: Shape, fractions: Sequence[float], backends: Sequence
                 "param_fraction": n_params / numel, "time": t.as_dict(), "memory_bytes": ks.resident_bytes() + peak,
                 "bytes_model": moved, "bandwidth": moved / t.median,
                 "bandwidth_fraction": moved / t.median / bandwidth if bandwidth else None, "launches": launches,
+                "write_amplification": amplification,
             })
             log(f"  keystone {100 * f:g}% {backend}: {n_params} params, {t.median * 1e3:.2f} ms")
             del opt

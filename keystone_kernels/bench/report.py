@@ -27,7 +27,8 @@ def summarize(results: dict) -> dict:
         for k in o["keystone"]:
             t = k["time"]["median"]
             r = {"shape": o["shape"], "fraction": k["fraction"], "backend": k["backend"], "time_s": t,
-                 "params": k["params"], "bandwidth_fraction": k["bandwidth_fraction"], "launches": k["launches"]}
+                 "params": k["params"], "bandwidth_fraction": k["bandwidth_fraction"], "launches": k["launches"],
+                 "write_amplification": k.get("write_amplification")}
             for name, d in o["dense"].items():
                 r[f"speedup_vs_{name}"] = d["time"]["median"] / t
                 r[f"memory_ratio_vs_{name}"] = k["memory_bytes"] / d["memory_bytes"]
@@ -80,6 +81,10 @@ def summarize(results: dict) -> dict:
             if r["backend"] == ("ext" if device == "cpu" else default_backend) and not r["capturable"]:
                 target(f"host work per extra keystone tensor in one step ({h['counts'][0]} vs {h['counts'][-1]} tiny "
                        "tensors), us", dict(r, slope_us=r["slope_s"] * 1e6), "slope_us", 2.0, higher=False)
+    wa = best("optimizer", "fraction", fraction=1e-2, shape="smollm2-135m" if device == "cpu" else "llama-3.1-8b")
+    if wa is not None and wa.get("write_amplification") is not None:
+        target(f"optimizer step's scatter, 1%, {wa['shape']}: cache-line bytes written / bytes stored", wa,
+               "write_amplification", 2, higher=False, why="issue 21")
     if device == "cpu":
         target("optimizer step, 0.1%, SmolLM2-135M, vs torch AdamW (foreach), no masking",
                best("optimizer", "speedup_vs_foreach", shape="smollm2-135m", fraction=1e-3),
@@ -142,10 +147,11 @@ def report(results: dict, markdown: bool = False) -> str:
         mem_key = "masked_foreach" if "masked_foreach" in names else names[0]
         lines.append(format_table(
             ["keystone", "params", "backend", "ms", *[f"x {n}" for n in names], f"mem / {mem_key}", "bytes/s / limit",
-             "launches"],
+             "scatter lines / bytes", "launches"],
             [[percent(r["fraction"]), r["params"], r["backend"], fmt(r["time_s"] * 1e3),
               *[fmt(r[f"speedup_vs_{n}"], ".4g") for n in names], fmt(r[f"memory_ratio_vs_{mem_key}"]),
-              fmt(r["bandwidth_fraction"], ".1%"), fmt(r["launches"], "d")] for r in rows], markdown))
+              fmt(r["bandwidth_fraction"], ".1%"), fmt(r.get("write_amplification")), fmt(r["launches"], "d")]
+             for r in rows], markdown))
     for w in results.get("wgrad", []):
         d = w["dense"]
         title(f"weight gradient, {w['shape']} shapes, the 7 projections of one layer, "
