@@ -237,6 +237,17 @@ AdamwSpanFn pick_adamw_span() {
 template <typename scalar_t>
 void scatter_span(scalar_t* w, int64_t ws0, int64_t ws1, const int64_t* rows, const int64_t* cols, int64_t m,
                   const float* src, int64_t e0, int64_t e1) {
+  if (ws0 == 1 && rows == nullptr && cols != nullptr) {
+    // A column-major target (KeystoneLinear.frozen_storage): column by column, each a contiguous run of
+    // rows, so the stores stream instead of jumping a column apart at every element. The values come
+    // from the span just updated (in cache), read with a stride of m.
+    for (int64_t j = 0; j < m; ++j) {
+      scalar_t* wcol = w + cols[j] * ws1;
+      const int64_t first = e0 / m + (e0 % m > j ? 1 : 0);  // the first row i with i * m + j >= e0
+      for (int64_t i = first, e = first * m + j; e < e1; ++i, e += m) wcol[i] = static_cast<scalar_t>(src[e - e0]);
+    }
+    return;
+  }
   int64_t i = e0 / m, j = e0 % m;
   for (int64_t e = e0; e < e1; ++i, j = 0) {
     const int64_t len = std::min(m - j, e1 - e);

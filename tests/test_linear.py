@@ -238,3 +238,31 @@ def test_column_major_and_row_major_storage_train_bit_for_bit_alike(any_backend,
             assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)  # a GEMM over another layout may sum in another order
         assert torch.equal(layers[0].frozen_weight, layers[1].frozen_weight)  # the scatter itself: bit for bit
         assert torch.equal(layers[0].weight_cols, layers[1].weight_cols)
+
+
+def test_a_column_scatter_spanning_several_blocks_writes_every_value(any_backend, rng):
+    """A column tensor larger than one optimizer block (2048 values) whose width does not divide it, so that
+    blocks start inside a row: after a step every keystone value sits in the column-major frozen weight,
+    equal to a row-major twin's, and no other element moved."""
+    from keystone_kernels import KeystoneAdamW
+
+    backend, device = any_backend
+    n_out, n_in = 700, 61
+    w = torch.randn(n_out, n_in, generator=rng)
+    cols = torch.tensor([0, 5, 17, 18, 33, 59, 60])  # 7 columns: 4900 values, blocks start at rows' 4th and 1st
+    layers = [KeystoneLinear(w, None, torch.empty(0, dtype=torch.int64), cols, torch.bfloat16, backend).to(device)
+              for _ in range(2)]
+    layers[1].frozen_weight = layers[1].frozen_weight.contiguous()
+    before = layers[0].frozen_weight.clone()
+    for layer in layers:
+        opt = KeystoneAdamW(layer.keystone_parameters(), lr=0.5, backend=backend)  # big enough to move every value
+        grad = torch.randn(layer.weight_cols.shape, generator=torch.Generator().manual_seed(1))
+        layer.weight_cols.grad = grad.to(device)
+        opt.step()
+    f = layers[0].frozen_weight
+    assert f.stride() == (1, n_out) and torch.equal(f, layers[1].frozen_weight)
+    assert torch.equal(f[:, cols.to(device)], layers[0].weight_cols.detach().bfloat16())
+    others = torch.ones(n_in, dtype=torch.bool)
+    others[cols] = False
+    assert torch.equal(f[:, others.to(device)], before[:, others.to(device)])
+    assert not torch.equal(f[:, cols.to(device)], before[:, cols.to(device)])
