@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_index, poisoned_allocations
+from conftest import make_index, poisoned_allocations, require_backend
 from torch import nn
 
 from keystone_kernels.nn.linear import KeystoneLinear
@@ -266,3 +266,26 @@ def test_a_column_scatter_spanning_several_blocks_writes_every_value(any_backend
     others[cols] = False
     assert torch.equal(f[:, others.to(device)], before[:, others.to(device)])
     assert not torch.equal(f[:, cols.to(device)], before[:, cols.to(device)])
+
+
+def test_the_extension_runs_the_layer_in_cpp_and_the_others_in_python(rng):
+    """backend="ext" (eager, plain tensors): keystone::linear, a C++ autograd function with no Python in the
+    backward; its outputs and gradients are the Python function's, and without grad it is a plain forward."""
+    require_backend("ext", "cpu")
+    w, x = torch.randn(29, 37, generator=rng), torch.randn(3, 5, 37, generator=rng)
+    rows, cols = torch.tensor([2, 11, 28]), torch.tensor([0, 7, 36])
+    bias = torch.randn(29, generator=rng)
+    cpp = KeystoneLinear(w, bias, rows, cols, torch.bfloat16, "ext")
+    py = KeystoneLinear(w, bias, rows, cols, torch.bfloat16, "reference")
+    grad_y = torch.randn(3, 5, 29, generator=rng)
+    outs = []
+    for layer in (cpp, py):
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        y.backward(grad_y)
+        outs.append((y.grad_fn.name(), y, xi.grad, *(p.grad for p in layer.keystone_parameters())))
+    assert "KeystoneLinearFn" in outs[0][0] and outs[1][0] == "_KeystoneLinearFunctionBackward"
+    for a, b in zip(outs[0][1:], outs[1][1:]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(cpp(x), outs[0][1].detach())

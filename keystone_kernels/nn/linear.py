@@ -48,7 +48,7 @@ from torch.nn import functional as F
 
 from .. import ops
 from ..ops.checks import FLOAT_DTYPES, check_index
-from ..ops.dispatch import gather_wgrad_unchecked
+from ..ops.dispatch import gather_wgrad_unchecked, linear_autograd
 from ..utils.dist import REPLICA_GROUP_ATTR, GroupTag
 from ..utils.dtensor import is_dtensor, row_shard
 from .hooks import install_optimizer_hooks
@@ -556,6 +556,11 @@ class KeystoneLinear(nn.Module):
         """x: ``[..., in]`` (fp32 / bf16 / fp16) -> ``[..., out]`` in x's dtype."""
         if not torch.compiler.is_compiling():  # a compiled graph cannot branch on versions: sync_frozen there
             self.refresh()
+            if type(x) is Tensor and not self.sharded:  # eager, plain tensors: the C++ function if the backend has it
+                fused = linear_autograd(self.backend, x.device)
+                if fused is not None:
+                    return fused(x, self.weight_rows, self.weight_cols, self.bias_rows, self.frozen_weight,
+                                 self.frozen_bias, self.rows, self.col_rows, self.cols, self.bias_all)
         return _KeystoneLinearFunction.apply(
             x, self.weight_rows, self.weight_cols, self.bias_rows, self.frozen_weight, self.frozen_bias,
             self.rows, self.col_rows, self.cols, self.bias_all, self.backend,

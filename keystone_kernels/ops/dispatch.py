@@ -213,6 +213,15 @@ def gather_wgrad_unchecked(grad_out: Tensor, x: Tensor, rows: Tensor | None, col
     return _route(backend, grad_out.device).gather_wgrad(grad_out, x, rows, cols)
 
 
+def linear_autograd(backend: str | None, device: torch.device):
+    """The backend's C++ autograd op for KeystoneLinear's forward and backward on ``device``
+    (``torch.ops.keystone.linear``: no Python in the backward) when ``backend`` routes to the extension,
+    else None: KeystoneLinear then runs its Python ``autograd.Function``, which is also what
+    torch.compile traces. Its arguments are the Function's (see nn/linear.py)."""
+    module = _route(backend, device)
+    return module.linear_op() if module is ext else None
+
+
 def scatter_to_frozen(
     weight: Tensor,
     src: Tensor,

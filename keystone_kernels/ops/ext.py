@@ -112,7 +112,7 @@ def want_cuda() -> bool:
 def sources(root: Path | None = None, with_cuda: bool = False) -> list[str]:
     """The source files of the extension, CPU first; CUDA kernels and their binding if asked."""
     root = csrc_dir() if root is None else Path(root)
-    files = [root / "keystone.cpp"]
+    files = [root / "keystone.cpp", root / "linear.cpp"]
     if with_cuda:
         files += sorted((root / "cuda").glob("*.cu")) + [root / "cuda" / "keystone_cuda.cpp"]
     return [str(f) for f in files]
@@ -280,6 +280,21 @@ def is_available() -> bool:
 def has_cuda() -> bool:
     """True when the loaded extension has CUDA kernels."""
     return is_available() and _has_kernels("CUDA")
+
+
+_linear: list = []  # [] until looked up, then [torch.ops.keystone.linear or None]
+
+
+def linear_op():
+    """``torch.ops.keystone.linear`` (KeystoneLinear's forward and backward in C++, csrc/linear.cpp), or None for a
+    prebuilt library older than it (KeystoneLinear then runs its Python autograd function)."""
+    if not _linear:
+        load()
+        try:
+            _linear.append(torch.ops.keystone.linear.default)  # the overload itself: no resolution per call
+        except (AttributeError, RuntimeError):
+            _linear.append(None)
+    return _linear[0]
 
 
 def gather_wgrad(grad_out, x, rows, cols):
