@@ -48,6 +48,14 @@ def step_bound(results: dict, tr: dict, side: str, trainable: int) -> float | No
                             matmul_rate=rate)["seconds"]
 
 
+def by_train_step(rows: list[dict]) -> list[tuple[tuple[str, int, int], list[dict]]]:
+    """``rows`` grouped by train step, ``((shape, batch, seq), rows of it)``, in the order steps first appear."""
+    groups: dict[tuple[str, int, int], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["shape"], r["batch"], r["seq"]), []).append(r)
+    return list(groups.items())
+
+
 def _row(tr: dict, r: dict, kind: str, config: str) -> dict:
     t = r["time"]["median"]
     d = tr["dense"]
@@ -132,8 +140,7 @@ def baseline_table(results: dict, markdown: bool = False) -> str:
     rows = results.get("summary", {}).get("rows", {}).get("baselines", [])
     cpu = results["config"]["device"] == "cpu"
     out = []
-    for key in dict.fromkeys((r["shape"], r["batch"], r["seq"]) for r in rows):
-        sel = [r for r in rows if (r["shape"], r["batch"], r["seq"]) == key]
+    for key, sel in by_train_step(rows):
         mem = "peak RSS above imports GiB" if cpu else "peak allocated GiB"
         title = (f"train step beside PEFT LoRA (q, k, v, o, gate, up, down; alpha 2 r; "
                  f"base {'fp32' if cpu else 'bf16'}), "
@@ -206,8 +213,7 @@ def best_targets(results: dict, rows: list[dict]) -> list[dict]:
         targets.append({"target": name, "value": value, "goal": f"{'>=' if higher else '<='} {goal:g}",
                         "holds": value >= goal if higher else value <= goal, "backend": None, "note": "issue 20"})
 
-    for key in dict.fromkeys((r["shape"], r["batch"], r["seq"]) for r in rows):
-        sel = [r for r in rows if (r["shape"], r["batch"], r["seq"]) == key]
+    for key, sel in by_train_step(rows):
         keystone = [r for r in sel if r["kind"] == "keystone"]
         if not keystone:
             continue
@@ -247,8 +253,7 @@ def best_table(results: dict, markdown: bool = False) -> str:
     rows = results.get("summary", {}).get("rows", {}).get("best", [])
     cpu = results["config"]["device"] == "cpu"
     out = []
-    for key in dict.fromkeys((r["shape"], r["batch"], r["seq"]) for r in rows):
-        sel = [r for r in rows if (r["shape"], r["batch"], r["seq"]) == key]
+    for key, sel in by_train_step(rows):
         title = (f"every side at its best (eager and torch.compile), {key[0]} shapes, batch {key[1]} x seq {key[2]}; "
                  f"phases: forward/backward/optimizer host ms{'' if cpu else ' | device ms'}")
         out.append(f"\n**{title}**\n" if markdown else f"\n{title}")
@@ -277,16 +282,15 @@ def plot_baselines(results: dict, path: str | os.PathLike) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    keys = list(dict.fromkeys((r["shape"], r["batch"], r["seq"]) for r in rows))
+    steps = by_train_step(rows)
     colors = {"dense": "tab:grey", "keystone": "tab:orange", "lora": "tab:blue", "keystone+liger": "tab:red",
               "lora+liger": "tab:purple"}
     cpu = results["config"]["device"] == "cpu"
     panels = (("time_s", "s / train step", 1), ("memory_bytes", "peak RSS above imports, GiB" if cpu else
                                                  "peak allocated, GiB", GIB),
               ("optimizer_state_bytes", "optimizer state, MiB (log)", _MIB))
-    fig, axes = plt.subplots(len(keys), 3, figsize=(13, 3.8 * len(keys)), squeeze=False)
-    for i, key in enumerate(keys):
-        sel = [r for r in rows if (r["shape"], r["batch"], r["seq"]) == key]
+    fig, axes = plt.subplots(len(steps), 3, figsize=(13, 3.8 * len(steps)), squeeze=False)
+    for i, (key, sel) in enumerate(steps):
         labels = [r["config"].replace(" (PEFT)", "").replace(" (torch AdamW", "\n(AdamW") for r in sel]
         for ax, (field, ylabel, unit) in zip(axes[i], panels):
             values = [(r[field] or 0) / unit for r in sel]

@@ -104,21 +104,16 @@ def build_train_step(spec: TrainSpec) -> tuple[Callable[[], None], dict]:
     gen = torch.Generator().manual_seed(spec.seed + 1)
     ids = torch.randint(0, shape.vocab, (spec.batch, spec.seq), generator=gen).to(device)
     info: dict = {"spec": asdict(spec)}
-    if spec.side == "dense":
-        model = build_model(shape, spec.layers, device=device, dtype=torch.float32, seed=spec.seed)
+    if spec.side in ("dense", "dense-bf16"):
+        pure_bf16 = spec.side == "dense-bf16"  # bf16 weights and moments, no autocast; else fp32 masters
+        model = build_model(shape, spec.layers, device=device, dtype=torch.bfloat16 if pure_bf16 else torch.float32,
+                            seed=spec.seed)
         params = [p for p in model.parameters() if p.requires_grad]
         kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
         opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, **kw)
-        info.update(optimizer=f"torch AdamW({next(iter(kw))})")
-        autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
+        info.update(optimizer=f"torch AdamW({next(iter(kw))})" + (", bf16 states" if pure_bf16 else ""))
+        autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" and not pure_bf16
                     else contextlib.nullcontext)
-    elif spec.side == "dense-bf16":
-        model = build_model(shape, spec.layers, device=device, dtype=torch.bfloat16, seed=spec.seed)
-        params = [p for p in model.parameters() if p.requires_grad]
-        kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
-        opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, **kw)
-        info.update(optimizer=f"torch AdamW({next(iter(kw))}), bf16 states")
-        autocast = contextlib.nullcontext
     elif spec.side == "keystone":
         model = build_model(shape, spec.layers, device=device, dtype=torch.bfloat16, seed=spec.seed)
         mask = synthetic_mask(model, spec.fraction, spec.seed)
