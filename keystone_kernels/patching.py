@@ -104,9 +104,13 @@ def patch(
     dense, whole_bias = _also_train(model, family, paths, indices, also_train)
     paths = [p for p in paths if f"{p}.weight" not in dense]  # a projection trained dense stays an nn.Linear
     meta = device.type == "meta"  # built without weights: they are loaded after to_empty (see loading.py)
-    resolved = meta_backend(backend) if meta else ops.resolve_backend(backend, device)
+    # The layers keep the backend as asked: "auto" resolves per op and device at each call (a layer moved
+    # to the GPU after patching then runs the GPU's choice). The state records what it resolves to here;
+    # resolving also refuses, now, an explicit backend that cannot run on this device.
+    requested = meta_backend(backend)
+    resolved = requested if meta else ops.resolve_backend(backend, device)
     # Build every replacement before changing anything, so a failure leaves the model as it was.
-    replacements = _keystone_layers(model, paths, indices, frozen_dtype, resolved,
+    replacements = _keystone_layers(model, paths, indices, frozen_dtype, requested,
                                     {p: ("all" if p in whole_bias else train_bias) for p in paths})
     param_dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     named = dict(model.named_parameters())

@@ -288,6 +288,21 @@ def test_resolve_backend(monkeypatch):
     assert set(ops.available_backends("cpu")) >= {"reference", "ext"}
 
 
+def test_auto_on_cuda_routes_the_weight_gradient_to_the_reference(monkeypatch):
+    """docs/design.md: until a kernel beats cuBLAS in the GPU bench, "auto" runs gather_wgrad on the
+    reference on CUDA; the other ops, and any explicitly named backend, are unaffected."""
+    monkeypatch.delenv("KEYSTONE_BACKEND", raising=False)
+    assert ops.AUTO_CUDA_OPS == {"gather_wgrad": "reference"}
+    assert ops.resolve_backend("auto", "cuda", op="gather_wgrad") == "reference"
+    assert ops.resolve_backend(None, "cuda", op="gather_wgrad") == "reference"
+    assert ops.resolve_backend("auto", "cpu", op="gather_wgrad") == "ext"  # the CPU is not in the table
+    monkeypatch.setenv("KEYSTONE_BACKEND", "ext")
+    assert ops.resolve_backend(None, "cpu", op="gather_wgrad") == "ext"
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="cannot run on cuda"):  # named: never rerouted
+            ops.resolve_backend("triton", "cuda", op="gather_wgrad")
+
+
 def test_env_backend_routes_calls(monkeypatch, rng):
     """KEYSTONE_BACKEND picks the implementation that actually runs."""
     calls = []

@@ -287,3 +287,25 @@ def test_compiled_training_step_has_no_graph_break_and_matches_eager(backend_nam
     compiled(ids).backward()
     for p, g in zip(keystone_parameters(model), eager):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+
+
+def test_patched_layers_keep_auto_and_resolve_it_per_call(monkeypatch):
+    """patch keeps "auto" on its layers, so a layer moved to another device gets that device's choice
+    (on CUDA: the reference weight gradient, ops.AUTO_CUDA_OPS), and records in the model's state what
+    auto resolved to where it was patched; the backward then runs the resolved backend's kernel."""
+    from keystone_kernels import ops
+    from keystone_kernels.ops import ext, reference
+
+    monkeypatch.delenv("KEYSTONE_BACKEND", raising=False)
+    model = tiny_model("llama")
+    patch(model, _mask(model), backend="auto")
+    assert {m.backend for m in keystone_modules(model).values()} == {"auto"}
+    assert model._keystone.backend == ops.resolve_backend("auto", "cpu") == "ext"
+    calls = []
+    monkeypatch.setattr(ext, "gather_wgrad",
+                        lambda g, x, r, c: calls.append(g.shape) or reference.gather_wgrad(g, x, r, c))
+    monkeypatch.setattr(ext, "linear_op", lambda: None)  # the Python Function, whose backward calls the op
+    model(_batch()).logits.float().square().mean().backward()
+    weight_tensors = [t for m in keystone_modules(model).values()
+                      for t in (m.weight_rows, m.weight_cols) if t is not None]
+    assert len(calls) == len(weight_tensors) > 0  # one weight gradient per keystone weight tensor, on the ext

@@ -5,6 +5,7 @@ Public functions validate their inputs and route to the backend chosen by
 """
 
 from .dispatch import (
+    AUTO_CUDA_OPS,
     BACKENDS,
     available_backends,
     fused_adamw_scatter,
@@ -14,6 +15,7 @@ from .dispatch import (
 )
 
 __all__ = [
+    "AUTO_CUDA_OPS",
     "BACKENDS",
     "available_backends",
     "resolve_backend",

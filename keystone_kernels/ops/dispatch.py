@@ -3,7 +3,9 @@
 ``backend`` is one of ``"reference"``, ``"triton"``, ``"ext"`` or ``"auto"``. ``None`` means the
 environment variable ``KEYSTONE_BACKEND`` if set, else ``"auto"``: Triton for CUDA tensors when
 Triton imports, else the C++ extension when it loads (or builds), else the plain PyTorch
-reference. An explicit backend that cannot run on the given device raises RuntimeError.
+reference. On CUDA, ``"auto"`` routes an op whose kernel the GPU bench measured slower than the
+reference to the reference instead (:data:`AUTO_CUDA_OPS`). An explicit backend that cannot run on
+the given device raises RuntimeError.
 
 The public functions validate their inputs once, here (with :mod:`keystone_kernels.ops.checks`);
 the backends then assume valid inputs.
@@ -24,6 +26,7 @@ from .checks import FLOAT_DTYPES, check_index, check_target, check_tensor
 from .layout import SCALARS, FlatLayout
 
 __all__ = [
+    "AUTO_CUDA_OPS",
     "BACKENDS",
     "available_backends",
     "resolve_backend",
@@ -34,6 +37,13 @@ __all__ = [
 
 BACKENDS = ("reference", "triton", "ext")
 _ENV = "KEYSTONE_BACKEND"
+
+# Ops that "auto" runs on the reference backend on CUDA, because the GPU bench measured it faster there
+# (docs/design.md, "Which backend auto picks"). gather_wgrad: on the H200 (bench/results/gpu_check_h200),
+# one Llama-3.1-8B layer, 8192 tokens, index_select + torch.mm was 8.2x the dense dW GEMM at 1% and 9.6x
+# at 0.1%, against Triton's 5.1x and 2.7x; its host time per call is a few us, Triton's about 48 us.
+# Remove an entry when a kernel beats the reference in that bench.
+AUTO_CUDA_OPS = {"gather_wgrad": "reference"}
 
 
 # --------------------------------------------------------------------------- backend choice
@@ -101,8 +111,8 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 _warned_fallback = False
 
 
-def resolve_backend(name: str | None = None, device: torch.device | str | None = None) -> str:
-    """The backend that will run ops for tensors on ``device``.
+def resolve_backend(name: str | None = None, device: torch.device | str | None = None, op: str | None = None) -> str:
+    """The backend that will run ops (or the op named ``op``, e.g. "gather_wgrad") for tensors on ``device``.
 
     name: "auto", "reference", "triton", "ext", or None for $KEYSTONE_BACKEND (default "auto").
     Raises ValueError for an unknown name and RuntimeError when an explicitly named backend
@@ -121,6 +131,8 @@ def resolve_backend(name: str | None = None, device: torch.device | str | None =
         if not ok:
             raise RuntimeError(f"keystone backend {name!r} ({source}) cannot run on {dev.type} tensors: {why}")
         return name
+    if dev.type == "cuda" and op in AUTO_CUDA_OPS:
+        return AUTO_CUDA_OPS[op]
     if dev.type == "cuda" and _triton_usable(dev)[0]:
         return "triton"
     ok, why = _ext_usable(dev)
@@ -140,16 +152,16 @@ def _backend_module(name: str) -> ModuleType:
     return ext
 
 
-# (backend argument, device type, $KEYSTONE_BACKEND) -> backend module. A plain dict lookup, so that
+# (backend argument, device type, $KEYSTONE_BACKEND, op) -> backend module. A plain dict lookup, so that
 # the hot path (every op call, and torch.compile tracing it) resolves a backend once per process.
-_routes: dict[tuple[str | None, str, str | None], ModuleType] = {}
+_routes: dict[tuple[str | None, str, str | None, str | None], ModuleType] = {}
 
 
-def _resolve_route(backend: str | None, device_type: str, env: str | None) -> str:
+def _resolve_route(backend: str | None, device_type: str, env: str | None, op: str | None) -> str:
     """The backend name for a route, importing its module. torch.compile runs this eagerly and takes
     its result as a constant, so that a first op call inside a compiled region (which may import
     Triton, build the extension or warn) does not break the graph. ``env`` is only part of the key."""
-    name = resolve_backend(backend, device_type)
+    name = resolve_backend(backend, device_type, op)
     _backend_module(name)
     return name
 
@@ -160,8 +172,8 @@ def _resolve_route(backend: str | None, device_type: str, env: str | None) -> st
 _resolve_route._dynamo_marked_constant = True
 
 
-def _route(backend: str | None, device: torch.device) -> ModuleType:
-    key = (backend, device.type, os.environ.get(_ENV))
+def _route(backend: str | None, device: torch.device, op: str | None = None) -> ModuleType:
+    key = (backend, device.type, os.environ.get(_ENV), op)
     module = _routes.get(key)
     if module is None:
         module = _backend_module(_resolve_route(*key))
@@ -197,7 +209,7 @@ def gather_wgrad(
         )
     check_index("rows", rows, grad_out.shape[1], grad_out.device, unique=False)
     check_index("cols", cols, x.shape[1], grad_out.device, unique=False)
-    return _route(backend, grad_out.device).gather_wgrad(grad_out, x, rows, cols)
+    return _route(backend, grad_out.device, "gather_wgrad").gather_wgrad(grad_out, x, rows, cols)
 
 
 def gather_wgrad_unchecked(grad_out: Tensor, x: Tensor, rows: Tensor | None, cols: Tensor | None, *,
@@ -210,7 +222,7 @@ def gather_wgrad_unchecked(grad_out: Tensor, x: Tensor, rows: Tensor | None, col
     index out of range here is an out-of-bounds access, not an error; everyone else calls
     :func:`gather_wgrad`.
     """
-    return _route(backend, grad_out.device).gather_wgrad(grad_out, x, rows, cols)
+    return _route(backend, grad_out.device, "gather_wgrad").gather_wgrad(grad_out, x, rows, cols)
 
 
 def linear_autograd(backend: str | None, device: torch.device):
