@@ -324,15 +324,16 @@ def test_capturable_and_default_steps_agree_to_the_last_bit(any_backend, maximiz
         assert all(torch.equal(bits(s0[n].float().cpu()), bits(s1[n].float().cpu())) for n in s0)
 
 
+@pytest.mark.parametrize("clip", [0.5, None])
 @pytest.mark.parametrize("capturable", [True, False])
-def test_a_step_reads_nothing_on_the_host(monkeypatch, capturable):
+def test_a_step_reads_nothing_on_the_host(monkeypatch, capturable, clip):
     """No .item() / float() / int() / bool() / .tolist() of a tensor inside step(). Capturable: CUDA-graph safe.
     Default mode (issue 21): on a GPU a step never waits for the device; the previous step's verdict is read
     from a host buffer."""
     gen = torch.Generator().manual_seed(13)
     lr = torch.tensor(1e-2) if capturable else 1e-2
     mods, params, twins, opt, _ = _stepped_pair("reference", "cpu", gen, capturable=capturable, lr=lr,
-                                                max_grad_norm=0.5)
+                                                max_grad_norm=clip)
     assert opt.nonfinite == ("skip" if capturable else "defer")
     _random_grads(params, twins, gen, "cpu")
     opt.step()  # the first step builds the layout (allowed to read sizes once)
@@ -709,3 +710,19 @@ def test_a_skipped_deferred_step_is_taken_back_before_state_dict_reads_the_count
     assert math.isnan(opt.last_grad_norm)
     with pytest.raises(ValueError, match="not finite"):
         opt.step()
+
+
+def test_the_default_step_adds_few_device_ops_to_the_raising_one():
+    """Each device op is a launch on a GPU (docs/design.md section 6): without clipping the sync-free step
+    replaces the raising step's two host reads with its norm test and verdict (sub, isnan, cat, stack)."""
+    from keystone_kernels.utils.profiling import count_device_ops
+
+    counts = {}
+    for mode, (_, params, opt) in _three_modes("ext", "cpu", None, lr=1e-2).items():
+        _grads(params, torch.Generator().manual_seed(7), "cpu")
+        opt.step()  # builds the layout
+        counts[mode] = count_device_ops(opt.step)
+    assert "aten._local_scalar_dense" in counts["raise"] and "aten._local_scalar_dense" not in counts["defer"]
+    extra = counts["defer"] - counts["raise"]
+    assert set(extra) <= {"aten.sub", "aten.isnan", "aten.cat", "aten.stack"}, extra
+    assert sum(counts["defer"].values()) <= sum(counts["raise"].values()) + 2
